@@ -1,0 +1,37 @@
+# geofm-assets: `make demo` and `make test` work on a fresh machine (Python 3.11 + pip).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+export DAGSTER_HOME := $(CURDIR)/dagster_home
+SIZE ?= demo
+
+.PHONY: setup demo test ui lint clean-lake
+
+setup: $(STAMP)
+
+# torch goes first, in its own pip call, pinned: a CPU build of 2.13.0 lies on this machine's
+# disk, and an unpinned torch would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/geofm demo --size $(SIZE)
+
+test: setup
+	$(VENV)/bin/python -m pytest
+
+ui: setup
+	$(VENV)/bin/dagster dev -w workspace.yaml
+
+lint: setup
+	$(VENV)/bin/ruff check geofm_assets tests bench
+	$(VENV)/bin/mypy geofm_assets
+
+clean-lake:
+	rm -rf dagster_home/lake

@@ -1,0 +1,46 @@
+"""The one ``Definitions`` of geofm-assets; resources are picked per environment
+(``GEOFM_ENV``, default ``local``) from one dict."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from dagster import Definitions
+
+from geofm_assets.assets.chips import chips
+from geofm_assets.assets.tiles import sentinel2_tiles
+from geofm_assets.paths import lake_root, stac_catalog
+from geofm_assets.resources.lake import LocalLakeResource
+from geofm_assets.resources.stac import StacResource
+
+
+def local_resources() -> dict[str, Any]:
+    """One machine: the sample (or any static) STAC catalog and a lake directory."""
+    return {
+        "stac": StacResource(catalog=stac_catalog()),
+        "lake": LocalLakeResource(root=lake_root()),
+    }
+
+
+RESOURCES_BY_ENV: Mapping[str, Callable[[], dict[str, Any]]] = {
+    "local": local_resources,
+}
+
+
+def resources_for(env: str) -> dict[str, Any]:
+    """The resources of environment ``env``, read from the environment variables now."""
+    try:
+        return RESOURCES_BY_ENV[env]()
+    except KeyError:
+        raise ValueError(
+            f"GEOFM_ENV={env!r} is not a known environment; choose one of "
+            f"{', '.join(sorted(RESOURCES_BY_ENV))}"
+        ) from None
+
+
+defs = Definitions(
+    assets=[sentinel2_tiles, chips],
+    resources=resources_for(os.environ.get("GEOFM_ENV", "local")),
+)

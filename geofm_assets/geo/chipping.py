@@ -1,0 +1,257 @@
+"""Chips: 256 x 256 windows of a region mosaic on the region's chip grid, each written as a
+NetCDF datacube and an RGB thumbnail, with cloud/shadow/no-data fractions from SCL.
+
+Chips are processed a chip row at a time from one open dataset (a 256-row strip decodes each
+internal tile once); rows are spread over worker processes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import multiprocessing
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import netCDF4
+import numpy as np
+import rasterio
+from PIL import Image
+from rasterio.windows import Window
+
+from geofm_assets.bands import (
+    SCL_CLOUD_CLASSES,
+    SCL_NO_DATA,
+    SCL_SHADOW_CLASSES,
+    SPECTRAL_BAND_NAMES,
+    SPECTRAL_BANDS,
+)
+from geofm_assets.geo.regions import ChipGrid
+
+SCL_INDEX = len(SPECTRAL_BANDS)
+RGB_INDEX = tuple(SPECTRAL_BAND_NAMES.index(n) for n in ("red", "green", "blue"))
+THUMBNAIL_WHITE_DN = 3000.0  # reflectance 0.30 maps to white; a fixed stretch compares dates
+DROP_REASONS = ("nodata", "cloud", "shadow")
+
+
+@dataclass(frozen=True)
+class ChipThresholds:
+    max_cloud_fraction: float = 0.10
+    max_shadow_fraction: float = 0.10
+    max_nodata_fraction: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"chip threshold {name} must be within [0, 1], got {value}")
+
+
+@dataclass
+class ChipRecord:
+    chip_id: str
+    row: int
+    col: int
+    cloud_fraction: float
+    shadow_fraction: float
+    nodata_fraction: float
+    band_means: list[float]  # harmonized DN per spectral band, over valid pixels
+    datacube_path: str  # relative to the partition directory
+    thumbnail_path: str
+
+
+@dataclass
+class ChippingResult:
+    kept: list[ChipRecord] = field(default_factory=list)
+    dropped: dict[str, list[str]] = field(default_factory=lambda: {r: [] for r in DROP_REASONS})
+
+    @property
+    def dropped_counts(self) -> dict[str, int]:
+        return {r: len(ids) for r, ids in self.dropped.items()}
+
+
+def chip_fractions(scl: np.ndarray, spectral: np.ndarray) -> tuple[float, float, float]:
+    """(cloud, shadow, nodata) fractions of a chip: nodata over all pixels, cloud and shadow
+    over the pixels with data (SCL 8, 9, 10 are cloud; 3 is cloud shadow)."""
+    nodata = (scl == SCL_NO_DATA) | np.any(spectral == 0, axis=0)
+    n = scl.size
+    n_valid = n - int(nodata.sum())
+    if n_valid == 0:
+        return 0.0, 0.0, 1.0
+    cloud = int((np.isin(scl, SCL_CLOUD_CLASSES) & ~nodata).sum())
+    shadow = int((np.isin(scl, SCL_SHADOW_CLASSES) & ~nodata).sum())
+    return cloud / n_valid, shadow / n_valid, (n - n_valid) / n
+
+
+def drop_reason(fractions: tuple[float, float, float], t: ChipThresholds) -> str | None:
+    cloud, shadow, nodata = fractions
+    if nodata > t.max_nodata_fraction:
+        return "nodata"
+    if cloud > t.max_cloud_fraction:
+        return "cloud"
+    if shadow > t.max_shadow_fraction:
+        return "shadow"
+    return None
+
+
+def rgb_thumbnail(spectral: np.ndarray) -> np.ndarray:
+    """[H W 3] uint8 from harmonized DN with a fixed stretch and gamma 1/2.2."""
+    rgb = spectral[list(RGB_INDEX)].astype(np.float32) / THUMBNAIL_WHITE_DN  # [3 H W]
+    rgb = np.clip(rgb, 0.0, 1.0) ** (1 / 2.2)
+    return (rgb * 255 + 0.5).astype(np.uint8).transpose(1, 2, 0)
+
+
+def write_datacube(
+    path: Path,
+    spectral: np.ndarray,
+    scl: np.ndarray,
+    *,
+    grid: ChipGrid,
+    row: int,
+    col: int,
+    date: dt.date,
+    scene_ids: Sequence[str],
+    crs_wkt: str,
+    compress: bool = False,
+) -> None:
+    """A CF-style NetCDF datacube: reflectance[band, y, x] with band names and wavelengths,
+    scl[y, x], x/y pixel-centre coordinates, time, and a grid mapping with CRS and transform."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    t = grid.chip_transform(row, col)
+    cs = grid.chip_size
+    with netCDF4.Dataset(tmp, "w", format="NETCDF4") as nc:
+        nc.createDimension("band", len(SPECTRAL_BANDS))
+        nc.createDimension("y", cs)
+        nc.createDimension("x", cs)
+        nc.createDimension("time", 1)
+        band = nc.createVariable("band", str, ("band",))
+        band[:] = np.array(SPECTRAL_BAND_NAMES, dtype=object)
+        wl = nc.createVariable("wavelength", "f4", ("band",))
+        wl[:] = [b.wavelength for b in SPECTRAL_BANDS]
+        wl.units = "micrometre"
+        x = nc.createVariable("x", "f8", ("x",))
+        x[:] = t.c + (np.arange(cs) + 0.5) * t.a
+        x.standard_name, x.units = "projection_x_coordinate", "m"
+        y = nc.createVariable("y", "f8", ("y",))
+        y[:] = t.f + (np.arange(cs) + 0.5) * t.e
+        y.standard_name, y.units = "projection_y_coordinate", "m"
+        time = nc.createVariable("time", "i4", ("time",))
+        time[:] = [(date - dt.date(1970, 1, 1)).days]
+        time.units, time.calendar = "days since 1970-01-01", "standard"
+        gm = nc.createVariable("spatial_ref", "i4")
+        gm.crs_wkt = crs_wkt
+        gm.spatial_ref = crs_wkt
+        gm.epsg_code = f"EPSG:{grid.epsg}"
+        gm.GeoTransform = " ".join(str(v) for v in (t.c, t.a, t.b, t.f, t.d, t.e))
+        refl = nc.createVariable(
+            "reflectance", "u2", ("band", "y", "x"), fill_value=0, zlib=compress, complevel=1,
+            shuffle=compress,
+        )
+        refl.scale_factor_reflectance = 0.0001
+        refl.long_name = "surface reflectance x 10000, harmonized to processing baseline < 04.00"
+        refl.grid_mapping = "spatial_ref"
+        refl.set_auto_maskandscale(False)
+        refl[:] = spectral
+        s = nc.createVariable("scl", "u1", ("y", "x"), zlib=compress, complevel=1, shuffle=compress)
+        s.long_name = "Sentinel-2 scene classification layer"
+        s.grid_mapping = "spatial_ref"
+        s[:] = scl.astype(np.uint8)
+        nc.chip_id = grid.chip_id(row, col)
+        nc.region = grid.region
+        nc.date = date.isoformat()
+        nc.epsg = grid.epsg
+        nc.scene_ids = ",".join(scene_ids)
+        nc.Conventions = "CF-1.8"
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class _RowTask:
+    tile_path: str
+    grid: ChipGrid
+    row: int
+    cols: tuple[int, ...]
+    date: dt.date
+    scene_ids: tuple[str, ...]
+    out_dir: str
+    thresholds: ChipThresholds
+    compress: bool
+
+
+def _chip_row(task: _RowTask) -> tuple[list[ChipRecord], list[tuple[str, str]]]:
+    grid, cs = task.grid, task.grid.chip_size
+    kept: list[ChipRecord] = []
+    dropped: list[tuple[str, str]] = []
+    out_dir = Path(task.out_dir)
+    c_min, c_max = min(task.cols), max(task.cols)
+    with rasterio.open(task.tile_path) as ds:
+        crs_wkt = ds.crs.to_wkt()
+        strip = ds.read(window=Window(c_min * cs, task.row * cs, (c_max - c_min + 1) * cs, cs))
+    for col in task.cols:
+        chip = strip[:, :, (col - c_min) * cs : (col - c_min + 1) * cs]  # [C H W]
+        spectral, scl = chip[:SCL_INDEX], chip[SCL_INDEX]
+        chip_id = grid.chip_id(task.row, col)
+        fractions = chip_fractions(scl, spectral)
+        reason = drop_reason(fractions, task.thresholds)
+        if reason is not None:
+            dropped.append((reason, chip_id))
+            continue
+        datacube = f"datacubes/{chip_id}.nc"
+        thumbnail = f"thumbnails/{chip_id}.png"
+        write_datacube(
+            out_dir / datacube, spectral, scl, grid=grid, row=task.row, col=col, date=task.date,
+            scene_ids=task.scene_ids, crs_wkt=crs_wkt, compress=task.compress,
+        )
+        png_tmp = out_dir / f"thumbnails/.{chip_id}.png.tmp"
+        Image.fromarray(rgb_thumbnail(spectral)).save(png_tmp, format="PNG", compress_level=1)
+        os.replace(png_tmp, out_dir / thumbnail)
+        valid = np.all(spectral > 0, axis=0)
+        means = [float(b[valid].mean()) if valid.any() else 0.0 for b in spectral]
+        kept.append(
+            ChipRecord(chip_id, task.row, col, *fractions, band_means=means,
+                       datacube_path=datacube, thumbnail_path=thumbnail)
+        )
+    return kept, dropped
+
+
+def chip_region_mosaic(
+    tile_path: Path,
+    grid: ChipGrid,
+    date: dt.date,
+    scene_ids: Sequence[str],
+    out_dir: Path,
+    thresholds: ChipThresholds | None = None,
+    *,
+    workers: int | None = None,
+    compress: bool = False,
+) -> ChippingResult:
+    """Cut the region mosaic into the grid's chips; write kept chips under ``out_dir``."""
+    thresholds = thresholds or ChipThresholds()
+    out_dir = Path(out_dir)
+    (out_dir / "datacubes").mkdir(parents=True, exist_ok=True)
+    (out_dir / "thumbnails").mkdir(parents=True, exist_ok=True)
+    rows: dict[int, list[int]] = {}
+    for r, c in grid.cells:
+        rows.setdefault(r, []).append(c)
+    tasks = [
+        _RowTask(str(tile_path), grid, r, tuple(cols), date, tuple(scene_ids), str(out_dir),
+                 thresholds, compress)
+        for r, cols in sorted(rows.items())
+    ]
+    workers = workers if workers is not None else min(os.cpu_count() or 1, len(tasks))
+    if workers > 1 and len(grid.cells) >= 2 * workers * 4:
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            outcomes = list(pool.map(_chip_row, tasks))
+    else:
+        outcomes = [_chip_row(t) for t in tasks]
+    result = ChippingResult()
+    for kept, dropped in outcomes:
+        result.kept.extend(kept)
+        for reason, chip_id in dropped:
+            result.dropped[reason].append(chip_id)
+    result.kept.sort(key=lambda k: (k.row, k.col))
+    return result
+
+

@@ -1,0 +1,40 @@
+"""Region x date partitions: keys ``YYYY-MM-DD|region`` (dimensions in alphabetical order)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from dagster import (
+    AssetExecutionContext,
+    DynamicPartitionsDefinition,
+    MultiPartitionKey,
+    MultiPartitionsDefinition,
+    StaticPartitionsDefinition,
+)
+
+from geofm_assets.geo.regions import Region, get_region, load_regions
+from geofm_assets.paths import regions_file
+from geofm_assets.resources.lake import checked_date
+
+DATE_PARTITIONS_NAME = "s2_date"
+
+REGIONS: dict[str, Region] = load_regions(regions_file())
+
+date_partitions = DynamicPartitionsDefinition(name=DATE_PARTITIONS_NAME)
+region_partitions = StaticPartitionsDefinition(sorted(REGIONS))
+region_date_partitions = MultiPartitionsDefinition(
+    {"date": date_partitions, "region": region_partitions}
+)
+
+
+def partition_key(date: dt.date | str, region: str) -> MultiPartitionKey:
+    return MultiPartitionKey({"date": str(date), "region": region})
+
+
+def region_and_date(context: AssetExecutionContext) -> tuple[Region, dt.date]:
+    """The partition's region (validated against the regions file) and date."""
+    key = context.partition_key
+    if not isinstance(key, MultiPartitionKey):
+        raise ValueError(f"expected a region x date partition key, got {key!r}")
+    dims = key.keys_by_dimension
+    return get_region(REGIONS, dims["region"]), checked_date(dims["date"])
