@@ -1,9 +1,8 @@
 """``chips``: 256 x 256 chips of the region mosaic on the region's fixed grid."""
 
-from typing import Any
-
 import datetime as dt
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import shapely

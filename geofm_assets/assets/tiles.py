@@ -1,11 +1,10 @@
 """``sentinel2_tiles``: the region x date mosaic of Sentinel-2 L2A scenes, one COG."""
 
-from typing import Any
-
 import base64
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from dagster import (
     AssetCheckResult,

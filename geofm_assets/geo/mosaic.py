@@ -78,6 +78,9 @@ def upsample_nearest(a: np.ndarray, factor: int) -> np.ndarray:
     return np.repeat(np.repeat(a, factor, axis=0), factor, axis=1)
 
 
+_Readable = rasterio.io.DatasetReader | WarpedVRT
+
+
 class SceneBlockReader:
     """Reads a (scene asset, block) window onto the grid, at the grid's resolution.
 
@@ -88,7 +91,7 @@ class SceneBlockReader:
 
     def __init__(self, grid: ChipGrid) -> None:
         self.grid = grid
-        self._datasets: dict[tuple[str, bool], tuple[rasterio.io.DatasetReader | WarpedVRT, threading.Lock]] = {}
+        self._datasets: dict[tuple[str, bool], tuple[_Readable, threading.Lock]] = {}
         self._opened: list[rasterio.io.DatasetReader | WarpedVRT] = []
         self._lock = threading.Lock()
 
