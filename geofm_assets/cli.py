@@ -82,7 +82,7 @@ def materialize_partitions(
 ) -> list[dict[str, Any]]:
     """Materialize ``select`` for every region x date, one run per partition, on the
     instance in ``DAGSTER_HOME``. Returns one summary row per partition."""
-    from dagster import AssetKey, materialize
+    from dagster import materialize
 
     from geofm_assets import definitions
     from geofm_assets.geo.regions import get_region
@@ -103,8 +103,7 @@ def materialize_partitions(
     unknown = [s for s in select if s not in MATERIALIZABLE]
     if unknown:
         raise ValueError(f"cannot select {unknown}; choose from {', '.join(MATERIALIZABLE)}")
-    graph = definitions.defs.resolve_asset_graph()
-    assets = [graph.assets_def_for_key(AssetKey(name)) for name in select]
+    assets = [a for a in definitions.ASSETS if a.key.to_user_string() in select]
     resources = definitions.resources_for(os.environ.get("GEOFM_ENV", "local"))
     rows = []
     for d in dates:

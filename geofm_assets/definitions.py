@@ -40,7 +40,9 @@ def resources_for(env: str) -> dict[str, Any]:
         ) from None
 
 
+ASSETS = [sentinel2_tiles, chips]
+
 defs = Definitions(
-    assets=[sentinel2_tiles, chips],
+    assets=ASSETS,
     resources=resources_for(os.environ.get("GEOFM_ENV", "local")),
 )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import pickle
 import shutil
 import tempfile
 import zlib
@@ -45,6 +46,7 @@ TILES: tuple[str, ...] = ("20LMQ", "20LNQ")  # west to east, same latitude row
 TILE_ORIGIN = (399960.0, 9000040.0)  # upper-left corner of 20LMQ
 TILE_OVERLAP_PIXELS = 256
 PIXEL_SIZE = 10.0
+MAIN_ROAD_SPACING = 13000.0  # metres between parallel settlement roads
 REGIONS_SOURCE = Path(__file__).resolve().parents[1] / "data" / "regions.geojson"
 COLLECTION_ID = "sentinel-2-l2a"
 COG_DIR = "sentinel-s2-l2a-cogs"
@@ -196,16 +198,25 @@ def drawn_cloud_fraction(seed: int, day: date) -> float:
     return float(rng.uniform(0.7, 0.99))
 
 
+def nearest_revisit(grid: list[date], target: date, platform: str | None = None) -> date:
+    """The revisit date nearest ``target``; with ``platform``, that satellite's if one is within
+    a revisit step."""
+    def rank(day: date) -> tuple[bool, bool, int, date]:
+        distance = abs((day - target).days)
+        return (platform is not None and distance > REVISIT_DAYS,
+                platform is not None and platform_on(day) != platform, distance, day)
+    return min(grid, key=rank)
+
+
 def plan_acquisitions(preset: SamplePreset, seed: int) -> list[Acquisition]:
     grid = revisit_dates()
     if preset.date_targets:
-        days = [min(grid, key=lambda d, t=t: (abs((d - t).days), d)) for t in preset.date_targets]
-    else:  # monthly: the revisit date within 5 days of the 1st, 2A and 2B in turn while both fly
+        days = [nearest_revisit(grid, target) for target in preset.date_targets]
+    else:  # monthly, near the 1st: 2A and 2B in turn while both fly
         firsts = [date(y, m, 1) for y in range(PERIOD[0].year, PERIOD[1].year + 1)
                   for m in range(1, 13)]
-        days = [min(grid, key=lambda d, t=t, i=i: (
-            abs((d - t).days) > REVISIT_DAYS, platform_on(d) != ("sentinel-2a", "sentinel-2b")[i % 2],
-            abs((d - t).days), d)) for i, t in enumerate(firsts)]
+        days = [nearest_revisit(grid, first, ("sentinel-2a", "sentinel-2b")[i % 2])
+                for i, first in enumerate(firsts)]
     if len(set(days)) != len(days):
         raise ValueError("two date targets snap to the same revisit date")
     fractions = preset.cloud_fractions or tuple(drawn_cloud_fraction(seed, d) for d in days)
@@ -280,7 +291,7 @@ class RoadFrame:
     y0: float
     angle: float
 
-    def to_uv(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def to_uv(self, x: float, y: float) -> tuple[float, float]:
         c, s = math.cos(self.angle), math.sin(self.angle)
         return (x - self.x0) * c + (y - self.y0) * s, -(x - self.x0) * s + (y - self.y0) * c
 
@@ -309,26 +320,33 @@ def generate_landcover(
     x, y = (x - frame.x0).astype(np.float32), (y - frame.y0).astype(np.float32)  # [1 W] [H 1]
     cos, sin = math.cos(frame.angle), math.sin(frame.angle)
     u, v = x * cos + y * sin, y * cos - x * sin  # [H W] metres along / across the main road
+    # Parallel main roads 13 km apart (two on the bench preset): v is from the nearest one.
+    road = np.rint(v * (1 / MAIN_ROAD_SPACING)).astype(np.int32)
+    v -= road * MAIN_ROAD_SPACING
+    anchor_road, road = -int(road.min()), road - road.min()
+    n_roads = int(road.max()) + 1
     abs_v = np.abs(v)
     edge = 45 * smooth_field(rng, shape, (6, 2), factor=2)  # ragged clearing edges, metres
     landcover = np.full(shape, FOREST, np.uint8)
     variant = rng.integers(0, CROP_VARIANTS, size=4096).astype(np.uint8)
 
     # Lots along side roads: (side road k, lot j along it, north/south, east/west of it).
-    spacing, lot_width, phase = rng.uniform(2700, 3300), 500.0, rng.uniform(0, 3000)
+    spacing, lot_width = rng.uniform(2700, 3300), 500.0
+    phases = rng.uniform(0, 3000, n_roads).astype(np.float32)
+    phase = phases[road]
     k = np.rint((u - phase) / spacing).astype(np.int32)
     du = u - phase - k * spacing
     abs_du = np.abs(du)
     k -= k.min()
     n_k, n_j = int(k.max()) + 1, int(abs_v.max() // lot_width) + 1
-    road_length = rng.uniform(2500, 7000, size=(n_k, 2)).astype(np.float32)
-    lot_depth = (rng.uniform(150, 1400, size=(n_k, 2, n_j, 2))
-                 * (rng.random((n_k, 2, n_j, 2)) > 0.15)).astype(np.float32)
+    road_length = rng.uniform(2500, 7000, size=n_roads * n_k * 2).astype(np.float32)
+    lot_depth = (rng.uniform(150, 1400, size=(road_length.size, n_j, 2))
+                 * (rng.random((road_length.size, n_j, 2)) > 0.15)).astype(np.float32)
     lot_kind = rng.choice([PASTURE, CROPS, BARE], p=[0.78, 0.19, 0.03], size=lot_depth.shape)
     north = (v > 0).astype(np.int32)
-    side_road = k * 2 + north
+    side_road = (road * n_k + k) * 2 + north
     lot = (side_road * n_j + (abs_v * (1 / lot_width)).astype(np.int32)) * 2 + (du > 0)
-    length = road_length.ravel()[side_road]
+    length = road_length[side_road]
     on_side_road = abs_v < length
     reach = abs_v / length
     frontier = np.clip(1.15 - reach * np.sqrt(reach), 0, 1)  # older clearings near the road
@@ -337,7 +355,8 @@ def generate_landcover(
     crop_variant = variant[lot % variant.size]
 
     # Ranches: blocks cleared from the main road, 2 km segments.
-    segment = ((u - u.min()) * (1 / 2000)).astype(np.int32) * 2 + north  # (segment, side)
+    along = ((u - u.min()) * (1 / 2000)).astype(np.int32)
+    segment = (road * (int(along.max()) + 1) + along) * 2 + north  # (road, segment, side)
     n_seg = int(segment.max()) + 1
     ranch_depth = (rng.uniform(300, 1800, n_seg) * (rng.random(n_seg) > 0.45)).astype(np.float32)
     ranch_kind = rng.choice([PASTURE, CROPS], p=[0.85, 0.15], size=n_seg)
@@ -351,13 +370,13 @@ def generate_landcover(
     landcover[(landcover == PASTURE) & (speckle < -2.3)] = BARE
 
     # A river meandering north with a forest buffer; then roads, the town, the water.
-    along = np.arange(shape[0]) * PIXEL_SIZE  # metres from the top edge
+    southward = np.arange(shape[0]) * PIXEL_SIZE  # metres from the top edge
     wavelengths = rng.uniform([1800, 5000], [3200, 9000])
     amplitudes = rng.uniform([250, 400], [450, 900])
     wander = gaussian_filter(rng.standard_normal(shape[0] + 400), 60, mode="wrap")[200:-200]
     centre = (transform.c - frame.x0 + rng.uniform(0.25, 0.75) * shape[1] * PIXEL_SIZE
               + 250 * wander / wander.std() + sum(
-                  a * np.sin(2 * math.pi * along / w + p) for a, w, p in
+                  a * np.sin(2 * math.pi * southward / w + p) for a, w, p in
                   zip(amplitudes, wavelengths, rng.uniform(0, 2 * math.pi, 2), strict=True)))
     across = 1 / np.sqrt(1 + np.gradient(centre, PIXEL_SIZE) ** 2)  # metres east -> across
     river_distance = np.abs(x - centre[:, None].astype(np.float32)) * across[:, None].astype(
@@ -365,7 +384,7 @@ def generate_landcover(
     half_width = rng.uniform(25, 45)
     landcover[river_distance < half_width + 90] = FOREST
     landcover[(abs_du < 6) & on_side_road] = BARE  # dirt side roads
-    town_u = phase + int(rng.integers(-3, 4)) * spacing  # at a junction near the anchor
+    town_u = phases[anchor_road] + int(rng.integers(-3, 4)) * spacing  # a junction near the anchor
     town = np.hypot(x - town_u * cos, y - town_u * sin) < rng.uniform(400, 600) + 3 * edge
     landcover[town] = URBAN
     landcover[river_distance < half_width] = WATER
@@ -377,6 +396,8 @@ def generate_landcover(
                 if np.mean(landcover[mask] == cls) >= fraction:
                     break
                 rows, cols = np.nonzero(mask & (landcover == source))
+                if rows.size == 0:
+                    break
                 pick = rng.integers(rows.size)
                 block = ((np.abs(u - u[rows[pick], cols[pick]]) < rng.uniform(150, 350))
                          & (np.abs(v - v[rows[pick], cols[pick]]) < rng.uniform(150, 300)))
@@ -405,7 +426,8 @@ def place_events(
     each wholly in forest at the start, near an existing clearing, apart from each other."""
     n_events = int(rng.integers(8, 13))
     names = list(regions)
-    targets = [names[i % len(names)] for i in range(n_events - int(rng.integers(1, 3)))]
+    targets: list[str | None] = [names[i % len(names)]
+                                 for i in range(n_events - int(rng.integers(1, 3)))]
     targets += [None] * (n_events - len(targets))
     forest = landcover == FOREST
     forest_depth = distance_transform_edt(forest) * PIXEL_SIZE  # metres to the nearest clearing
@@ -425,21 +447,21 @@ def place_events(
                 attempt < 400 and forest_depth[row, col] > reach + 300
             ):
                 continue
-            x, y = transform * (col + 0.5, row + 0.5)
-            u0, v0 = frame.to_uv(np.float64(x), np.float64(y))
-            polygon = clearing_polygon(rng, frame, float(u0), float(v0), length, width, area)
+            x, y = transform @ (col + 0.5, row + 0.5)
+            u0, v0 = frame.to_uv(x, y)
+            polygon = clearing_polygon(rng, frame, u0, v0, length, width, area)
             if not polygon.is_valid or (target and not regions[target].contains(polygon)):
                 continue
             if any(polygon.distance(other) < 60 for other, _ in placed):
                 continue
             west, south, east, north = polygon.bounds
-            c0, r0 = (math.floor(a) - 1 for a in ~transform * (west, north))
-            c1, r1 = (math.ceil(a) + 1 for a in ~transform * (east, south))
+            c0, r0 = (math.floor(a) - 1 for a in ~transform @ (west, north))
+            c1, r1 = (math.ceil(a) + 1 for a in ~transform @ (east, south))
             h, w = r1 - r0, c1 - c0
             if r0 < 0 or c0 < 0 or r0 + h > forest.shape[0] or c0 + w > forest.shape[1]:
                 continue
             inside = rasterio.features.rasterize(
-                [polygon], out_shape=(h, w), transform=transform * Affine.translation(c0, r0),
+                [polygon], out_shape=(h, w), transform=transform @ Affine.translation(c0, r0),
                 all_touched=True, dtype=np.uint8,
             ).astype(bool)
             if forest[r0 : r0 + h, c0 : c0 + w][inside].all():
@@ -595,30 +617,35 @@ def atmosphere_on(world: SampleWorld, acquisition: Acquisition, seed: int) -> At
     haze_blue = rng.gamma(2.0, 35.0) + dry * rng.gamma(2.0, 60.0)  # smoke in the dry season
     haze = haze_blue * np.clip(1 + 0.5 * smooth_field(rng, shape, (30.0,), 8), 0.1, None)
     field = smooth_field(rng, shape, (60.0, 25.0, 10.0, 4.0), 2)
-    fraction = acquisition.cloud_fraction
-    # Cloud where the field is in its top `fraction`: thin cirrus at the edges (the outer fifth),
-    # then medium, then high probability (the inner half).
-    edge, top, core = np.quantile(field, [1 - fraction, 1 - 0.8 * fraction, 1 - 0.5 * fraction])
-    edge = edge if fraction > 0 else np.inf
-    cloud_class = np.select(
-        [field > core, field > top, field > edge],
-        [bands.SCL_CLOUD_HIGH, bands.SCL_CLOUD_MEDIUM, bands.SCL_THIN_CIRRUS], 0,
-    ).astype(np.uint8)
-    opacity = np.select(
-        [field > core, field > top, field > edge],
-        [1.0, 0.6 + 0.35 * (field - top) / (core - top + 1e-6),
-         0.12 + 0.33 * (field - edge) / (top - edge + 1e-6)], 0.0,
-    ).astype(np.float32)
-    brightness = 0.65 + 0.75 * np.clip((field - edge) / (field.max() - edge + 1e-6), 0, 1)
-    # Shadows: the opaque cloud (0.5-1 km up) cast away from the sun, not where cloud is.
-    reach = rng.uniform(500, 1000) * math.tan(zenith) / (2 * PIXEL_SIZE)
-    drow, dcol = round(reach * math.cos(azimuth)), round(-reach * math.sin(azimuth))
-    shadow = shifted(field > top, drow, dcol) & (cloud_class == 0)
-    darkening = np.where(shadow, rng.uniform(0.3, 0.5), 1.0)
-    return Atmosphere(
-        (illumination * darkening).astype(np.float32), haze.astype(np.float32), 1 - opacity,
-        (opacity * brightness).astype(np.float32), cloud_class, shadow,
-    )
+    cloud_class = np.zeros(shape, np.uint8)
+    opacity = np.zeros(shape, np.float32)
+    cloud = np.zeros(shape, np.float32)  # opacity x cloud brightness
+    shadow = np.zeros(shape, bool)
+    darkening = 1.0
+    if (fraction := acquisition.cloud_fraction) > 0:
+        # Cloud where the field is in its top `fraction`: thin cirrus at the edges (the outer
+        # fifth), then medium, then high probability (the inner half).
+        edge, top, core = np.quantile(field, [1 - fraction, 1 - 0.8 * fraction,
+                                              1 - 0.5 * fraction])
+        cloud_class = np.select(
+            [field > core, field > top, field > edge],
+            [bands.SCL_CLOUD_HIGH, bands.SCL_CLOUD_MEDIUM, bands.SCL_THIN_CIRRUS], 0,
+        ).astype(np.uint8)
+        opacity = np.select(
+            [field > core, field > top, field > edge],
+            [1.0, 0.6 + 0.35 * (field - top) / (core - top + 1e-6),
+             0.12 + 0.33 * (field - edge) / (top - edge + 1e-6)], 0.0,
+        ).astype(np.float32)
+        brightness = 0.65 + 0.75 * np.clip((field - edge) / (field.max() - edge + 1e-6), 0, 1)
+        cloud = (opacity * brightness).astype(np.float32)
+        # Shadows: the opaque cloud (0.5-1 km up) cast away from the sun, not where cloud is.
+        reach = rng.uniform(500, 1000) * math.tan(zenith) / (2 * PIXEL_SIZE)
+        drow, dcol = round(reach * math.cos(azimuth)), round(-reach * math.sin(azimuth))
+        shadow = shifted(field > top, drow, dcol) & (cloud_class == 0)
+        darkening = rng.uniform(0.3, 0.5)
+    surface_factor = illumination * np.where(shadow, darkening, 1.0).astype(np.float32)
+    return Atmosphere(surface_factor, haze.astype(np.float32), 1 - opacity, cloud, cloud_class,
+                      shadow)
 
 
 # --- Rendering and writing one scene -------------------------------------------------------
@@ -695,8 +722,8 @@ def render_scene(world: SampleWorld, atmosphere: Atmosphere, acquisition: Acquis
     for name, array in arrays.items():
         if (mask := valid[bands.BANDS_BY_NAME[name].resolution]) is not None:
             array[~mask] = bands.NODATA
-    if valid[bands.SCL_RESOLUTION] is not None:
-        scl[~valid[bands.SCL_RESOLUTION]] = bands.SCL_NO_DATA
+    if (mask := valid[bands.SCL_RESOLUTION]) is not None:
+        scl[~mask] = bands.SCL_NO_DATA
     return arrays, scl
 
 
@@ -833,15 +860,13 @@ def write_scene(root: Path, tile: str, date: date, *, seed: int = 0, size: str =
                              atmosphere_on(world, acquisition, seed))
 
 
-def adopt_world(seed: int, world: SampleWorld) -> None:
-    """Process-pool initializer: reuse the parent's ground instead of rebuilding it."""
-    _WORLDS.clear()
-    _WORLDS[seed, world.tile_pixels] = world
-
-
-def write_date(root: Path, acquisition: Acquisition, seed: int, tile_pixels: int
-               ) -> list[pystac.Item]:
-    """Both tiles of one datatake (they share the atmosphere)."""
+def write_date(root: Path, acquisition: Acquisition, seed: int, tile_pixels: int,
+               world_file: Path | None = None) -> list[pystac.Item]:
+    """Both tiles of one datatake (they share the atmosphere). A pool worker reads the ground
+    the parent pickled to ``world_file`` rather than building it again."""
+    if world_file is not None and (seed, tile_pixels) not in _WORLDS:
+        _WORLDS.clear()
+        _WORLDS[seed, tile_pixels] = pickle.loads(world_file.read_bytes())
     world = world_for(seed, tile_pixels)
     atmosphere = atmosphere_on(world, acquisition, seed)
     return [write_acquisition(root, tile, acquisition, seed, world, atmosphere) for tile in TILES]
@@ -870,8 +895,8 @@ def write_truth(root: Path, world: SampleWorld) -> tuple[Path, Path]:
 
 
 def build_catalog(root: Path, items: list[pystac.Item]) -> Path:
-    bbox = [min(i.bbox[0] for i in items), min(i.bbox[1] for i in items),
-            max(i.bbox[2] for i in items), max(i.bbox[3] for i in items)]
+    boxes = np.array([i.bbox for i in items], float)  # [items 4]
+    bbox = [*boxes[:, :2].min(axis=0).tolist(), *boxes[:, 2:].max(axis=0).tolist()]
     times = sorted(i.datetime for i in items if i.datetime)
     clouds = [i.properties["eo:cloud_cover"] for i in items]
     eo_bands = [asset["eo:bands"][0] for asset in
@@ -914,19 +939,25 @@ def generate_sample(out_dir: Path, size: str = "demo", seed: int = 0, *, process
     try:
         build.chmod(0o755)
         acquisitions = plan_acquisitions(preset, seed)
-        world = world_for(seed, preset.tile_pixels)
         shutil.copyfile(REGIONS_SOURCE, build / "regions.geojson")
+        t = preset.tile_pixels
         if processes > 1:
             context = multiprocessing.get_context("spawn")  # never fork a threaded parent
-            with ProcessPoolExecutor(processes, mp_context=context, initializer=adopt_world,
-                                     initargs=(seed, world)) as pool:
-                per_date = [pool.submit(write_date, build, a, seed, world.tile_pixels)
+            with ProcessPoolExecutor(processes, mp_context=context) as pool:
+                for _ in range(processes):  # workers start (import) while the ground is built
+                    pool.submit(int)
+                world = world_for(seed, t)
+                world_file = build / ".world.pickle"
+                world_file.write_bytes(pickle.dumps(world, protocol=pickle.HIGHEST_PROTOCOL))
+                per_date = [pool.submit(write_date, build, a, seed, t, world_file)
                             for a in acquisitions]
                 write_truth(build, world)
                 items = [item for future in per_date for item in future.result()]
+            world_file.unlink()
         else:
+            world = world_for(seed, t)
             write_truth(build, world)
-            items = [i for a in acquisitions for i in write_date(build, a, seed, world.tile_pixels)]
+            items = [item for a in acquisitions for item in write_date(build, a, seed, t)]
         build_catalog(build, items)
         replace_dir(build, out_dir)
     except BaseException:
