@@ -4,6 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+# Clay's published encoder code (the claymodel wheel, never installed: tests import its files
+# to check that our encoder gives the same embeddings)
+CLAY_REFERENCE := $(VENV)/reference/claymodel-1.5.0-py3-none-any.whl
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 SIZE ?= demo
 
@@ -18,13 +21,15 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e ".[dev]"
+	mkdir -p $(VENV)/reference
+	$(PIP) download --quiet --no-deps -d $(VENV)/reference claymodel==1.5.0
 	touch $(STAMP)
 
 demo: setup
 	$(VENV)/bin/geofm demo --size $(SIZE)
 
 test: setup
-	$(VENV)/bin/python -m pytest
+	GEOFM_CLAY_REFERENCE=$(CLAY_REFERENCE) $(VENV)/bin/python -m pytest
 
 ui: setup
 	$(VENV)/bin/dagster dev -w workspace.yaml

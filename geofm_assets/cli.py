@@ -8,13 +8,14 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from geofm_assets import paths
 
-MATERIALIZABLE = ("sentinel2_tiles", "chips")
+MATERIALIZABLE = ("sentinel2_tiles", "chips", "embeddings")
 # Runs still log everything to the instance (the UI shows it); the terminal gets warnings only.
 QUIET_CONSOLE = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
@@ -121,10 +122,13 @@ def materialize_partitions(
                 if mat.asset_key.to_user_string() == "chips":
                     row.update(status=md.get("status"), kept=md.get("chips_kept"),
                                dropped=md.get("chips_dropped"))
+                if mat.asset_key.to_user_string() == "embeddings":
+                    row.update(vectors=md.get("count"), model=md.get("model"))
             rows.append(row)
             status = "ok " if result.success else "FAILED"
+            vectors = f" vectors={row['vectors']}" if "vectors" in row else ""
             print(f"  {status} {d}|{r}: {row.get('status', '')} kept={row.get('kept', '-')} "
-                  f"dropped={row.get('dropped', '-')} ({row['seconds']} s)", flush=True)
+                  f"dropped={row.get('dropped', '-')}{vectors} ({row['seconds']} s)", flush=True)
     return rows
 
 
@@ -170,22 +174,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     instance = _instance()
     dates = [d.isoformat() for d in catalog_dates()]
     regions = sorted(REGIONS)
-    print(f"[3/3] materializing sentinel2_tiles + chips for {len(regions)} regions x "
+    print(f"[3/3] materializing {', '.join(MATERIALIZABLE)} for {len(regions)} regions x "
           f"{len(dates)} dates on the instance in {paths.dagster_home()}", flush=True)
     t0 = time.perf_counter()
     rows = materialize_partitions(regions, dates, list(MATERIALIZABLE), instance)
     failed = [r for r in rows if not r["success"]]
     kept = sum(int(r.get("kept") or 0) for r in rows)
     dropped = sum(int(r.get("dropped") or 0) for r in rows)
+    vectors = sum(int(r.get("vectors") or 0) for r in rows)
     lake = paths.lake_root()
     print(
         f"\n{len(rows) - len(failed)}/{len(rows)} partitions materialized in "
-        f"{time.perf_counter() - t0:.0f} s: {kept} chips kept, {dropped} dropped.\n"
+        f"{time.perf_counter() - t0:.0f} s: {kept} chips kept, {dropped} dropped, "
+        f"{vectors} embeddings.\n"
         f"Outputs (hive-style, DuckDB reads them directly):\n"
         f"  {lake}/sentinel2_tiles/region=*/date=*/mosaic.tif   region mosaics (COG)\n"
         f"  {lake}/chips/region=*/date=*/chips.parquet          chip tables (GeoParquet)\n"
         f"  {lake}/chips/region=*/date=*/datacubes/*.nc         datacubes (NetCDF)\n"
         f"  {lake}/chips/region=*/date=*/thumbnails/*.png       RGB thumbnails\n"
+        f"  {lake}/embeddings/region=*/date=*/*.parquet         embeddings (GeoParquet)\n"
         f"Try: .venv/bin/python -c \"import duckdb; print(duckdb.sql(\\\"SELECT region, "
         f"count(*) FROM '{lake}/chips/region=*/date=*/*.parquet' GROUP BY region\\\"))\"\n"
         f"Open the UI: make ui  (then http://127.0.0.1:3000, Assets -> chips)"
@@ -228,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Dagster's preview/beta notices about its own APIs are for us, not for the terminal
+    from dagster import BetaWarning, PreviewWarning
+
+    warnings.filterwarnings("ignore", category=PreviewWarning)
+    warnings.filterwarnings("ignore", category=BetaWarning)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:

@@ -10,17 +10,25 @@ from typing import Any
 from dagster import Definitions
 
 from geofm_assets.assets.chips import chips
+from geofm_assets.assets.embeddings import embeddings
 from geofm_assets.assets.tiles import sentinel2_tiles
 from geofm_assets.paths import lake_root, stac_catalog
+from geofm_assets.resources.encoder import EncoderResource, SubprocessEmbeddingLauncher
 from geofm_assets.resources.lake import LocalLakeResource
 from geofm_assets.resources.stac import StacResource
 
 
 def local_resources() -> dict[str, Any]:
-    """One machine: the sample (or any static) STAC catalog and a lake directory."""
+    """One machine: the sample (or any static) STAC catalog, a lake directory, and the
+    embedding worker as a local Pipes subprocess (rcf unless GEOFM_ENCODER says otherwise)."""
     return {
         "stac": StacResource(catalog=stac_catalog()),
         "lake": LocalLakeResource(root=lake_root()),
+        "encoder": EncoderResource(
+            model=os.environ.get("GEOFM_ENCODER", "rcf"),
+            checkpoint=os.environ.get("GEOFM_CHECKPOINT") or None,
+        ),
+        "embedding_launcher": SubprocessEmbeddingLauncher(),
     }
 
 
@@ -40,7 +48,7 @@ def resources_for(env: str) -> dict[str, Any]:
         ) from None
 
 
-ASSETS = [sentinel2_tiles, chips]
+ASSETS = [sentinel2_tiles, chips, embeddings]
 
 defs = Definitions(
     assets=ASSETS,

@@ -39,6 +39,7 @@ CHIPS_SCHEMA = pa.schema(
         ("chip_id", pa.string()),
         ("region", pa.string()),
         ("date", pa.date32()),
+        ("datetime", pa.timestamp("us", tz="UTC")),
         ("row", pa.int32()),
         ("col", pa.int32()),
         ("geometry", pa.binary()),
@@ -61,20 +62,25 @@ CHIPS_SCHEMA = pa.schema(
 
 
 class ChipsConfig(Config):
-    max_cloud_fraction: float = Field(0.10, description="drop chips with more cloud (SCL 8, 9, 10)")
-    max_shadow_fraction: float = Field(0.10, description="drop chips with more cloud shadow (SCL 3)")
-    max_nodata_fraction: float = Field(0.05, description="drop chips with more pixels without data")
+    max_cloud_fraction: float = Field(default=0.10, description="drop chips with more cloud (SCL 8, 9, 10)")
+    max_shadow_fraction: float = Field(default=0.10, description="drop chips with more cloud shadow (SCL 3)")
+    max_nodata_fraction: float = Field(default=0.05, description="drop chips with more pixels without data")
     compress_datacubes: bool = Field(
-        False, description="zlib-compress NetCDF datacubes (about 3x smaller, about 5x slower)"
+        default=False, description="zlib-compress NetCDF datacubes (about 3x smaller, about 5x slower)"
     )
-    workers: int = Field(0, description="processes for chipping; 0 = one per core")
+    workers: int = Field(default=0, description="processes for chipping; 0 = one per core")
 
 
 def chips_table(
-    result: ChippingResult, grid: ChipGrid, date: dt.date, scene_ids: list[str], prefix: str
+    result: ChippingResult,
+    grid: ChipGrid,
+    date: dt.date,
+    acquired: dt.datetime | None,
+    scene_ids: list[str],
+    prefix: str,
 ) -> pa.Table:
     """One row per kept chip; paths are relative to the lake root (``prefix`` is the
-    partition's folder relative to it)."""
+    partition's folder relative to it). ``acquired``: the scenes' acquisition time (UTC)."""
     rows = []
     for rec in result.kept:
         footprint = grid.chip_polygon_lonlat(rec.row, rec.col)
@@ -82,7 +88,7 @@ def chips_table(
         minx, miny, maxx, maxy = grid.chip_bounds(rec.row, rec.col)
         rows.append(
             {
-                "chip_id": rec.chip_id, "region": grid.region, "date": date,
+                "chip_id": rec.chip_id, "region": grid.region, "date": date, "datetime": acquired,
                 "row": rec.row, "col": rec.col, "geometry": shapely.to_wkb(footprint),
                 "centroid_lon": centroid.x, "centroid_lat": centroid.y, "epsg": grid.epsg,
                 "x_min": minx, "y_min": miny, "x_max": maxx, "y_max": maxy,
@@ -132,7 +138,10 @@ def chips(context: AssetExecutionContext, config: ChipsConfig, lake: LakeResourc
                 tiles_dir / manifest["mosaic"], grid, date, scene_ids, staging, thresholds,
                 workers=config.workers or None, compress=config.compress_datacubes,
             )
-        table = chips_table(result, grid, date, scene_ids, prefix)
+        acquired = min(
+            (dt.datetime.fromisoformat(s["datetime"]) for s in manifest["scenes"]), default=None
+        )
+        table = chips_table(result, grid, date, acquired, scene_ids, prefix)
         status = manifest["status"] if manifest["status"] != "ok" else (
             "ok" if result.kept else "all_dropped"
         )

@@ -62,7 +62,8 @@ def sentinel2_tiles(
         "date": date.isoformat(),
         "grid": grid.to_dict(),
         "scenes": [
-            {"id": s.item_id, "mgrs_tile": s.mgrs_tile, "processing_baseline": s.processing_baseline,
+            {"id": s.item_id, "datetime": s.datetime.isoformat(), "mgrs_tile": s.mgrs_tile,
+             "processing_baseline": s.processing_baseline,
              "dn_offset": s.assets["red"].dn_offset, "cloud_cover": s.cloud_cover}
             for s in scenes
         ],

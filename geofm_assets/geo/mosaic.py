@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeAlias
 
 import numpy as np
 import rasterio
@@ -78,7 +79,7 @@ def upsample_nearest(a: np.ndarray, factor: int) -> np.ndarray:
     return np.repeat(np.repeat(a, factor, axis=0), factor, axis=1)
 
 
-_Readable = rasterio.io.DatasetReader | WarpedVRT
+_Readable: TypeAlias = rasterio.io.DatasetReader | WarpedVRT
 
 
 class SceneBlockReader:

@@ -1,13 +1,7 @@
-"""The data lake: hive-style partition folders ``{root}/{asset}/region={r}/date={d}/`` that
-DuckDB and pyarrow read directly, written atomically."""
+"""The data lake resource: where assets read and write their partitions."""
 
 from __future__ import annotations
 
-import datetime as dt
-import os
-import re
-import shutil
-import uuid
 from abc import abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,38 +9,18 @@ from pathlib import Path
 
 from dagster import ConfigurableResource
 
-SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+from geofm_assets import lake
+from geofm_assets.lake import PartitionKeyError, checked_date, checked_segment
 
-
-class PartitionKeyError(ValueError):
-    """A partition key that is not a valid region/date (or would escape the lake)."""
-
-
-def checked_segment(kind: str, value: str) -> str:
-    if not SAFE_SEGMENT.match(value) or ".." in value:
-        raise PartitionKeyError(
-            f"{kind} {value!r} is not a valid partition key segment: use letters, digits, "
-            "'-', '_' and '.', with no path separators"
-        )
-    return value
-
-
-def checked_date(value: str) -> dt.date:
-    try:
-        parsed = dt.date.fromisoformat(value)
-    except ValueError:
-        parsed = None
-    if parsed is None or parsed.isoformat() != value:
-        raise PartitionKeyError(f"date {value!r} is not a YYYY-MM-DD partition key")
-    return parsed
+__all__ = ["LakeResource", "LocalLakeResource", "PartitionKeyError", "checked_date", "checked_segment"]
 
 
 class LakeResource(ConfigurableResource):
-    """Where assets read and write their partitions."""
+    """Hive-style partitions ``{root}/{asset}/region={r}/date={d}/``, written atomically."""
 
     @abstractmethod
     def uri(self, *parts: str) -> str:
-        """The URI of a lake path (for metadata and for readers such as DuckDB)."""
+        """The URI of a lake path (for metadata, workers, and readers such as DuckDB)."""
 
     @abstractmethod
     def partition_dir(self, asset: str, region: str, date: str) -> Path:
@@ -72,28 +46,9 @@ class LocalLakeResource(LakeResource):
         return str(self.root_path.joinpath(*parts))
 
     def partition_dir(self, asset: str, region: str, date: str) -> Path:
-        checked_date(date)
-        return (
-            self.root_path
-            / checked_segment("asset", asset)
-            / f"region={checked_segment('region', region)}"
-            / f"date={checked_segment('date', date)}"
-        )
+        return lake.partition_dir(self.root_path, asset, region, date)
 
     @contextmanager
     def write_partition(self, asset: str, region: str, date: str) -> Iterator[Path]:
-        final = self.partition_dir(asset, region, date)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        token = uuid.uuid4().hex[:12]
-        staging = final.parent / f".staging-{final.name}-{token}"
-        staging.mkdir()
-        try:
+        with lake.write_partition(self.root_path, asset, region, date) as staging:
             yield staging
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        replaced = final.parent / f".replaced-{final.name}-{token}"
-        if final.exists():
-            os.rename(final, replaced)
-        os.rename(staging, final)
-        shutil.rmtree(replaced, ignore_errors=True)

@@ -1,0 +1,74 @@
+"""Data-lake layout and atomic partition writes (no Dagster imports: the embedding worker
+uses this too).
+
+Partitions are hive-style folders, ``{root}/{asset}/region={r}/date={d}/``, so DuckDB and
+pyarrow read ``{root}/{asset}/region=*/date=*/*.parquet`` directly.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class PartitionKeyError(ValueError):
+    """A partition key that is not a valid region/date (or would escape the lake)."""
+
+
+def checked_segment(kind: str, value: str) -> str:
+    if not SAFE_SEGMENT.match(value) or ".." in value:
+        raise PartitionKeyError(
+            f"{kind} {value!r} is not a valid partition key segment: use letters, digits, "
+            "'-', '_' and '.', with no path separators"
+        )
+    return value
+
+
+def checked_date(value: str) -> dt.date:
+    try:
+        parsed = dt.date.fromisoformat(value)
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.isoformat() != value:
+        raise PartitionKeyError(f"date {value!r} is not a YYYY-MM-DD partition key")
+    return parsed
+
+
+def partition_dir(root: Path, asset: str, region: str, date: str) -> Path:
+    """``{root}/{asset}/region={region}/date={date}`` after validating every segment."""
+    checked_date(date)
+    return (
+        Path(root)
+        / checked_segment("asset", asset)
+        / f"region={checked_segment('region', region)}"
+        / f"date={checked_segment('date', date)}"
+    )
+
+
+@contextmanager
+def write_partition(root: Path, asset: str, region: str, date: str) -> Iterator[Path]:
+    """Yield an empty staging directory beside the partition; on success it replaces the
+    partition whole, on error it is removed and the previous partition stays as it was."""
+    final = partition_dir(root, asset, region, date)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex[:12]
+    staging = final.parent / f".staging-{final.name}-{token}"
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    replaced = final.parent / f".replaced-{final.name}-{token}"
+    if final.exists():
+        os.rename(final, replaced)
+    os.rename(staging, final)
+    shutil.rmtree(replaced, ignore_errors=True)

@@ -1,0 +1,120 @@
+"""The encoder and where its external (GPU) step runs: a Pipes subprocess on this machine by
+default, a GPU task on ECS in production."""
+
+from __future__ import annotations
+
+import os
+import sys
+from abc import abstractmethod
+from typing import Any
+
+from dagster import (
+    AssetExecutionContext,
+    ConfigurableResource,
+    MaterializeResult,
+    PipesSubprocessClient,
+)
+from pydantic import Field
+
+WORKER_MODULE = "geofm_assets.workers.embed"
+
+
+class EncoderResource(ConfigurableResource):
+    """Which encoder embeds chips (a name from ``geofm_assets.models``) and how."""
+
+    model: str = Field(default="rcf", description="rcf, clay-v1, clay-v1.5 or hf:<local model dir>")
+    checkpoint: str | None = Field(
+        default=None, description="checkpoint file; clay-* default to GEOFM_CHECKPOINT_DIR's published files"
+    )
+    device: str = Field(default="auto", description="auto (CUDA when present), cpu or cuda")
+    batch_size: int = Field(default=16, ge=1)
+
+    def worker_extras(self, lake_root: str, region: str, date: str) -> dict[str, Any]:
+        return {
+            "lake_root": lake_root,
+            "region": region,
+            "date": date,
+            "model": self.model,
+            "checkpoint": self.checkpoint,
+            "device": self.device,
+            "batch_size": self.batch_size,
+        }
+
+
+class EmbeddingLauncher(ConfigurableResource):
+    """Runs ``python -m geofm_assets.workers.embed`` through Dagster Pipes."""
+
+    @abstractmethod
+    def launch(self, context: AssetExecutionContext, extras: dict[str, Any]) -> MaterializeResult:
+        """Run the worker for one partition; the worker's reported materialization."""
+
+
+class SubprocessEmbeddingLauncher(EmbeddingLauncher):
+    """The embedded default: a local subprocess (CPU, or this machine's GPU)."""
+
+    python: str = Field(default_factory=lambda: sys.executable)
+
+    def launch(self, context: AssetExecutionContext, extras: dict[str, Any]) -> MaterializeResult:
+        env = {k: v for k, v in os.environ.items() if k.startswith(("GEOFM_", "CUDA_", "OMP_", "HF_"))}
+        env["PATH"] = os.environ.get("PATH", "")
+        return (
+            PipesSubprocessClient()
+            .run(context=context, command=[self.python, "-m", WORKER_MODULE], extras=extras, env=env)
+            .get_materialize_result()
+        )
+
+
+class EcsEmbeddingLauncher(EmbeddingLauncher):
+    """Production: the worker image as an ECS task with a GPU (dagster-aws ``PipesECSClient``).
+    The task definition comes from ``deploy/`` (a container named ``container_name`` whose
+    entry point is the worker)."""
+
+    cluster: str
+    task_definition: str
+    container_name: str = "embed-worker"
+    subnets: list[str] = Field(default_factory=list)
+    security_groups: list[str] = Field(default_factory=list)
+    capacity_provider: str | None = Field(
+        default=None, description="a GPU capacity provider; else EC2 launch"
+    )
+    region_name: str | None = None
+
+    def run_task_params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "cluster": self.cluster,
+            "taskDefinition": self.task_definition,
+            "count": 1,
+            "overrides": {
+                "containerOverrides": [
+                    {"name": self.container_name, "command": ["python", "-m", WORKER_MODULE]}
+                ]
+            },
+        }
+        if self.capacity_provider:
+            params["capacityProviderStrategy"] = [{"capacityProvider": self.capacity_provider, "weight": 1}]
+        else:
+            params["launchType"] = "EC2"
+        if self.subnets:
+            params["networkConfiguration"] = {
+                "awsvpcConfiguration": {"subnets": self.subnets, "securityGroups": self.security_groups}
+            }
+        return params
+
+    def client(self):  # -> PipesECSClient
+        import boto3
+        from dagster_aws.pipes import PipesCloudWatchMessageReader, PipesECSClient
+
+        return PipesECSClient(
+            client=boto3.client("ecs", region_name=self.region_name),
+            message_reader=PipesCloudWatchMessageReader(
+                client=boto3.client("logs", region_name=self.region_name)
+            ),
+        )
+
+    def launch(self, context: AssetExecutionContext, extras: dict[str, Any]) -> MaterializeResult:
+        return (
+            self.client()
+            .run(context=context, run_task_params=self.run_task_params(),
+                 extras=extras, pipes_container_name=self.container_name)
+            .get_materialize_result()
+        )
