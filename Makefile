@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e ".[dev]"
 	mkdir -p $(VENV)/reference
 	$(PIP) download --quiet --no-deps -d $(VENV)/reference claymodel==1.5.0
+	# Clay v1's blocks come from vit-pytorch; --no-deps: it would pull torchvision and a CUDA torch
+	$(PIP) install --quiet --no-deps vit-pytorch==1.6.4
 	touch $(STAMP)
 
 demo: setup

@@ -58,8 +58,8 @@ def catalog_dates(regions: Sequence[str] | None = None) -> list[dt.date]:
 
 
 def cmd_dates(args: argparse.Namespace) -> int:
+    from geofm_assets.lake import checked_date
     from geofm_assets.partitions import DATE_PARTITIONS_NAME
-    from geofm_assets.resources.lake import checked_date
 
     instance = _instance()
     if args.action == "list":
@@ -87,8 +87,8 @@ def materialize_partitions(
 
     from geofm_assets import definitions
     from geofm_assets.geo.regions import get_region
+    from geofm_assets.lake import checked_date
     from geofm_assets.partitions import DATE_PARTITIONS_NAME, REGIONS, partition_key
-    from geofm_assets.resources.lake import checked_date
 
     instance = instance or _instance()
     for r in regions:

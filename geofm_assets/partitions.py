@@ -13,8 +13,8 @@ from dagster import (
 )
 
 from geofm_assets.geo.regions import Region, get_region, load_regions
+from geofm_assets.lake import checked_date
 from geofm_assets.paths import regions_file
-from geofm_assets.resources.lake import checked_date
 
 DATE_PARTITIONS_NAME = "s2_date"
 

@@ -1,6 +1,7 @@
 import pytest
 
-from geofm_assets.resources.lake import LocalLakeResource, PartitionKeyError
+from geofm_assets.lake import PartitionKeyError
+from geofm_assets.resources.lake import LocalLakeResource
 
 
 def test_partition_is_replaced_whole_or_not_at_all(tmp_path):

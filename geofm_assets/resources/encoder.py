@@ -28,6 +28,9 @@ class EncoderResource(ConfigurableResource):
     )
     device: str = Field(default="auto", description="auto (CUDA when present), cpu or cuda")
     batch_size: int = Field(default=16, ge=1)
+    patch_embeddings: bool = Field(
+        default=False, description="also write patch tokens (patches.npy) for ViT encoders"
+    )
 
     def worker_extras(self, lake_root: str, region: str, date: str) -> dict[str, Any]:
         return {
@@ -38,6 +41,7 @@ class EncoderResource(ConfigurableResource):
             "checkpoint": self.checkpoint,
             "device": self.device,
             "batch_size": self.batch_size,
+            "patch_embeddings": self.patch_embeddings,
         }
 
 

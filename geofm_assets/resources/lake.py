@@ -10,9 +10,6 @@ from pathlib import Path
 from dagster import ConfigurableResource
 
 from geofm_assets import lake
-from geofm_assets.lake import PartitionKeyError, checked_date, checked_segment
-
-__all__ = ["LakeResource", "LocalLakeResource", "PartitionKeyError", "checked_date", "checked_segment"]
 
 
 class LakeResource(ConfigurableResource):

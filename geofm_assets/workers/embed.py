@@ -34,6 +34,7 @@ from geofm_assets.models.base import Encoder
 from geofm_assets.models.datacube import make_datacube
 
 EMBEDDINGS_TABLE = "embeddings.parquet"
+PATCHES_FILE = "patches.npy"
 CHIPS_TABLE = "chips.parquet"
 
 
@@ -127,11 +128,21 @@ def embed_partition(
     *,
     batch_size: int = 16,
     device: str = "cpu",
+    patch_embeddings: bool = False,
     log: Callable[[str], None] = print,
 ) -> EmbedStats:
     """Embed every kept chip of a region x date partition and write
-    ``embeddings/region=R/date=D/embeddings.parquet`` (GeoParquet, ``emb`` metadata)."""
+    ``embeddings/region=R/date=D/embeddings.parquet`` (GeoParquet, ``emb`` metadata).
+
+    ``patch_embeddings``: also write ``patches.npy`` ([N L D] float16, rows in table order,
+    L patch tokens row-major) for encoders with patch tokens (Clay), from the same forward pass.
+    """
     lake_root = Path(lake_root)
+    tokens_of = getattr(encoder, "tokens", None)
+    if patch_embeddings and tokens_of is None:
+        raise EmbeddingError(
+            f"{encoder.name} has no patch tokens; patch embeddings need a ViT encoder such as clay-v1.5"
+        )
     chips_path = partition_dir(lake_root, "chips", region, date) / CHIPS_TABLE
     if not chips_path.exists():
         raise EmbeddingError(
@@ -142,12 +153,18 @@ def embed_partition(
     started = time.perf_counter()
     model_seconds = 0.0
     vectors: list[np.ndarray] = []
+    patches: list[np.ndarray] = []
     done = 0
     for batch in _prefetched(_batches(lake_root, rows, batch_size)):
         t0 = time.perf_counter()
         try:
             cube = make_datacube(batch.dn, batch.moments, batch.lats, batch.lons)
-            emb = np.asarray(encoder.embed_datacube(cube), dtype=np.float32)
+            if patch_embeddings and tokens_of is not None:
+                tokens = np.asarray(tokens_of(cube), dtype=np.float32)  # [B 1+L D]
+                emb = tokens[:, 0]
+                patches.append(tokens[:, 1:].astype(np.float16))
+            else:
+                emb = np.asarray(encoder.embed_datacube(cube), dtype=np.float32)
         except Exception as exc:
             raise EmbeddingError(f"embedding failed for chips {batch.chip_ids}: {exc}") from exc
         model_seconds += time.perf_counter() - t0
@@ -174,6 +191,10 @@ def embed_partition(
         "column": "embedding",
     }
     with write_partition(lake_root, "embeddings", region, date) as staging:
+        if patch_embeddings:
+            emb_meta["patches"] = PATCHES_FILE
+            stacked = np.concatenate(patches) if patches else np.zeros((0, 0, encoder.dim), np.float16)
+            np.save(staging / PATCHES_FILE, stacked)
         write_geoparquet(table, staging / EMBEDDINGS_TABLE, extra_metadata={"emb": emb_meta})
     return EmbedStats(
         count=len(rows), dim=encoder.dim, model=encoder.name,
@@ -225,7 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         pipes.log.info(f"embedding {extras['date']}|{extras['region']} with {encoder.name} on {device}")
         stats = embed_partition(
             Path(extras["lake_root"]), str(extras["region"]), str(extras["date"]), encoder,
-            batch_size=int(extras.get("batch_size", 16)), device=device, log=pipes.log.info,
+            batch_size=int(extras.get("batch_size", 16)), device=device,
+            patch_embeddings=bool(extras.get("patch_embeddings", False)), log=pipes.log.info,
         )
         pipes.report_asset_materialization(
             metadata={

@@ -111,3 +111,25 @@ def test_ecs_launcher_configuration_builds():
     assert override["command"] == ["python", "-m", "geofm_assets.workers.embed"]
     assert params["networkConfiguration"]["awsvpcConfiguration"]["subnets"] == ["subnet-1"]
     assert type(launcher.client()).__name__ == "PipesECSClient"
+
+
+def test_patch_embeddings_come_from_the_same_forward_pass(tiny_sample, instance, resources, tmp_path):
+    import torch
+
+    from geofm_assets.models.clay import ClayConfig, ClayEncoder, ClayEncoderModel
+
+    date = first_clear_date(tiny_sample)
+    assert materialize([sentinel2_tiles, chips], instance=instance, resources=resources,
+                       partition_key=str(partition_key(date, "candeias"))).success
+    lake = Path(resources["lake"].root)
+    torch.manual_seed(0)
+    config = ClayConfig(name="clay-tiny", dim=32, depth=1, heads=2, dim_head=16)
+    encoder = ClayEncoder(ClayEncoderModel(config), checkpoint_digest="test")
+    stats = embed_partition(lake, "candeias", date.isoformat(), encoder, batch_size=4,
+                            patch_embeddings=True)
+    out = lake / f"embeddings/region=candeias/date={date}"
+    patches = np.load(out / "patches.npy")
+    assert patches.shape == (stats.count, (256 // 8) ** 2, 32)
+    assert read_json_metadata(out / "embeddings.parquet", "emb")["patches"] == "patches.npy"
+    with pytest.raises(EmbeddingError, match="no patch tokens"):
+        embed_partition(lake, "candeias", date.isoformat(), NaNEncoder(), patch_embeddings=True)
