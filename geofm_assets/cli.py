@@ -15,7 +15,7 @@ from typing import Any
 
 from geofm_assets import paths
 
-MATERIALIZABLE = ("sentinel2_tiles", "chips", "embeddings")
+MATERIALIZABLE = ("sentinel2_tiles", "chips", "embeddings", "vector_index")
 # Runs still log everything to the instance (the UI shows it); the terminal gets warnings only.
 QUIET_CONSOLE = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
@@ -193,11 +193,81 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"  {lake}/chips/region=*/date=*/datacubes/*.nc         datacubes (NetCDF)\n"
         f"  {lake}/chips/region=*/date=*/thumbnails/*.png       RGB thumbnails\n"
         f"  {lake}/embeddings/region=*/date=*/*.parquet         embeddings (GeoParquet)\n"
+        f"  {lake}/vector_index/                                 the FAISS vector index\n"
         f"Try: .venv/bin/python -c \"import duckdb; print(duckdb.sql(\\\"SELECT region, "
         f"count(*) FROM '{lake}/chips/region=*/date=*/*.parquet' GROUP BY region\\\"))\"\n"
         f"Open the UI: make ui  (then http://127.0.0.1:3000, Assets -> chips)"
     )
+    example = next((r for r in rows if r.get("vectors")), None)
+    if example is not None:
+        from geofm_assets.lake import lake_connection
+
+        chip = lake_connection(Path(lake)).sql(
+            f"SELECT chip_id FROM embeddings WHERE date = DATE '{example['date']}' "
+            f"AND region = '{example['region']}' ORDER BY chip_id LIMIT 1"
+        ).fetchone()
+        if chip:
+            print(f"Search: .venv/bin/geofm search --chip {chip[0]} --date {example['date']} --k 5")
     return 1 if failed else 0
+
+
+def _date_arg(value: str | None) -> dt.date | None:
+    from geofm_assets.lake import checked_date
+
+    return checked_date(value) if value else None
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from geofm_assets import definitions
+    from geofm_assets.search.query import as_json, find_similar, results_geojson
+
+    resources = definitions.resources_for(os.environ.get("GEOFM_ENV", "local"))
+    model = args.model or resources["encoder"].model
+    chips = [args.chip] if args.chip else []
+    chips += [c for c in (args.chips or "").split(",") if c]
+    point = None
+    if args.point:
+        try:
+            lon, lat = (float(v) for v in args.point.split(","))
+        except ValueError:
+            raise ValueError(f"--point takes LON,LAT in degrees, got {args.point!r}") from None
+        point = (lon, lat)
+    lake_root = Path(paths.lake_root())
+    answer = find_similar(
+        resources["vector_store"].store(), lake_root, model, chips=chips, date=_date_arg(args.date),
+        point=point, k=args.k, min_score=args.min_score, regions=args.region,
+        date_from=_date_arg(args.start), date_to=_date_arg(args.end), exclude_self=args.exclude_self,
+    )
+    if args.format == "json":
+        print(as_json(answer))
+    elif args.format == "geojson":
+        print(as_json(results_geojson(lake_root, answer)))
+    else:
+        print(f"{'rank':>4}  {'score':>8}  {'date':10}  {'region':10}  chip_id")
+        for i, r in enumerate(answer["results"], 1):
+            print(f"{i:>4}  {r['score']:8.4f}  {r['date']:10}  {r['region']:10}  {r['chip_id']}")
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from geofm_assets.lake import lake_connection
+
+    con = lake_connection(Path(paths.lake_root()))
+    try:
+        rel = con.sql(args.query)
+    except duckdb.Error as exc:
+        raise ValueError(f"query failed: {exc}") from None
+    if rel is None:
+        return 0
+    if args.format == "csv":
+        rel.to_df().to_csv(sys.stdout, index=False)
+    elif args.format == "json":
+        print(rel.to_df().to_json(orient="records", date_format="iso", default_handler=str))
+    else:
+        rel.show(max_width=200, max_rows=args.max_rows)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,6 +296,28 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--to", dest="end", help="last date (inclusive)")
     m.set_defaults(func=cmd_materialize)
 
+    q = sub.add_parser("search", help="chips most like reference chips (cosine, best first)")
+    q.add_argument("--chip", help="a reference chip id")
+    q.add_argument("--chips", help="several reference chips, comma-separated (their average vector)")
+    q.add_argument("--date", help="the reference chips' date (default: their newest embedding)")
+    q.add_argument("--point", help="LON,LAT: the chip covering this point on --date "
+                   "(write --point=-63.8,-9.1 when LON is negative)")
+    q.add_argument("--k", type=int, default=10)
+    q.add_argument("--min-score", type=float)
+    q.add_argument("--region", action="append", help="only results in this region (repeatable)")
+    q.add_argument("--from", dest="start", help="only results on or after this date")
+    q.add_argument("--to", dest="end", help="only results on or before this date")
+    q.add_argument("--exclude-self", action="store_true", help="leave out the reference chips' ground")
+    q.add_argument("--model", help="the encoder whose index to search (default: the configured one)")
+    q.add_argument("--format", choices=("table", "json", "geojson"), default="table")
+    q.set_defaults(func=cmd_search)
+
+    sq = sub.add_parser("sql", help="DuckDB SQL over the lake (views: chips, embeddings, ...)")
+    sq.add_argument("query")
+    sq.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    sq.add_argument("--max-rows", type=int, default=40)
+    sq.set_defaults(func=cmd_sql)
+
     demo = sub.add_parser("demo", help="sample data, dates, and every partition materialized")
     demo.add_argument("--size", default="demo", choices=("tiny", "demo", "bench"))
     demo.add_argument("--seed", type=int, default=0)
@@ -242,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=BetaWarning)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError, LookupError) as exc:
         print(f"geofm: error: {exc}", file=sys.stderr)
         return 2
 

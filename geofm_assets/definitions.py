@@ -7,15 +7,17 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from dagster import Definitions
+from dagster import Definitions, EnvVar
 
 from geofm_assets.assets.chips import chips
 from geofm_assets.assets.embeddings import embeddings
 from geofm_assets.assets.tiles import sentinel2_tiles
+from geofm_assets.assets.vector_index import vector_index
 from geofm_assets.paths import lake_root, stac_catalog
 from geofm_assets.resources.encoder import EncoderResource, SubprocessEmbeddingLauncher
 from geofm_assets.resources.lake import LocalLakeResource
 from geofm_assets.resources.stac import StacResource
+from geofm_assets.resources.vector_store import VectorStoreResource
 
 
 def local_resources() -> dict[str, Any]:
@@ -29,7 +31,23 @@ def local_resources() -> dict[str, Any]:
             checkpoint=os.environ.get("GEOFM_CHECKPOINT") or None,
         ),
         "embedding_launcher": SubprocessEmbeddingLauncher(),
+        "vector_store": vector_store_from_env(),
     }
+
+
+def vector_store_from_env() -> VectorStoreResource:
+    """FAISS files in the lake unless GEOFM_VECTOR_STORE=opensearch (then GEOFM_OPENSEARCH_URL,
+    and credentials only from GEOFM_OPENSEARCH_USERNAME/PASSWORD or AWS SigV4)."""
+    if os.environ.get("GEOFM_VECTOR_STORE", "faiss") != "opensearch":
+        return VectorStoreResource(kind="faiss", root=os.path.join(lake_root(), "vector_index"))
+    auth: dict[str, Any] = {}
+    if os.environ.get("GEOFM_OPENSEARCH_USERNAME"):
+        auth = {"username": EnvVar("GEOFM_OPENSEARCH_USERNAME"),
+                "password": EnvVar("GEOFM_OPENSEARCH_PASSWORD")}
+    return VectorStoreResource(
+        kind="opensearch", url=os.environ.get("GEOFM_OPENSEARCH_URL"),
+        aws_region=os.environ.get("GEOFM_OPENSEARCH_AWS_REGION"), **auth,
+    )
 
 
 RESOURCES_BY_ENV: Mapping[str, Callable[[], dict[str, Any]]] = {
@@ -48,7 +66,7 @@ def resources_for(env: str) -> dict[str, Any]:
         ) from None
 
 
-ASSETS = [sentinel2_tiles, chips, embeddings]
+ASSETS = [sentinel2_tiles, chips, embeddings, vector_index]
 
 defs = Definitions(
     assets=ASSETS,

@@ -72,3 +72,28 @@ def write_partition(root: Path, asset: str, region: str, date: str) -> Iterator[
         os.rename(final, replaced)
     os.rename(staging, final)
     shutil.rmtree(replaced, ignore_errors=True)
+
+
+# Tables DuckDB exposes as views, one per asset: (view, glob under the lake root).
+SQL_VIEWS = (
+    ("chips", "chips/region=*/date=*/chips.parquet"),
+    ("embeddings", "embeddings/region=*/date=*/embeddings.parquet"),
+    ("embedding_projections", "embedding_projections/region=*/*.parquet"),
+    ("similarity_metrics", "similarity_metrics/region=*/*.parquet"),
+    ("change_maps", "change_maps/region=*/*.parquet"),
+)
+
+
+def lake_connection(root: Path):  # -> duckdb.DuckDBPyConnection
+    """An in-memory DuckDB with a view per materialized asset table of the lake at ``root``."""
+    import duckdb
+
+    con = duckdb.connect()
+    for view, pattern in SQL_VIEWS:
+        if next(Path(root).glob(pattern), None) is None:
+            continue
+        path = str(Path(root) / pattern).replace("'", "''")
+        con.execute(
+            f"CREATE VIEW {view} AS SELECT * FROM read_parquet('{path}', union_by_name = true)"
+        )
+    return con
