@@ -202,12 +202,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if example is not None:
         from geofm_assets.lake import lake_connection
 
-        chip = lake_connection(Path(lake)).sql(
-            f"SELECT chip_id FROM embeddings WHERE date = DATE '{example['date']}' "
-            f"AND region = '{example['region']}' ORDER BY chip_id LIMIT 1"
-        ).fetchone()
+        chip = lake_connection(Path(lake)).execute(
+            "SELECT chip_id FROM embeddings WHERE date = ? AND region = ? ORDER BY chip_id LIMIT 1",
+            [dt.date.fromisoformat(example["date"]), example["region"]],
+        ).fetchall()
         if chip:
-            print(f"Search: .venv/bin/geofm search --chip {chip[0]} --date {example['date']} --k 5")
+            print(f"Search: .venv/bin/geofm search --chip {chip[0][0]} --date {example['date']} --k 5")
     return 1 if failed else 0
 
 
