@@ -75,8 +75,8 @@ def clustered(n: int, dim: int, n_queries: int, seed: int = 0) -> tuple[np.ndarr
         local = rng.standard_normal((8, dim)).astype(np.float32) / math.sqrt(dim)
         w = rng.standard_normal((m, 8)).astype(np.float32) * np.linspace(1.6, 0.4, 8, dtype=np.float32)
         iso = rng.standard_normal((m, dim)).astype(np.float32) / math.sqrt(dim)
-        out[row:row + m] = centres[c] + spread[c] * (0.8 * (w @ local) / math.sqrt(2) + 0.6 * iso)
-        labels[row:row + m] = c
+        out[row : row + m] = centres[c] + spread[c] * (0.8 * (w @ local) / math.sqrt(2) + 0.6 * iso)
+        labels[row : row + m] = c
         row += m
     perm = rng.permutation(total)
     out, labels = out[perm], labels[perm]
@@ -134,10 +134,19 @@ def run(n: int, dim: int, n_queries: int, rerank: int) -> dict[str, Any]:
     own = float(np.mean(labels[truth] == labels[truth[:, :1]]))
     n_lat = min(n_queries, 200)  # exact single queries are slow; fewer suffice for a p50
     p50, p99, _ = latencies(lambda q: flat.search(q, K)[1], queries[:n_lat])
-    rows["exact"] = {"build_s": build, "p50_ms": p50, "p99_ms": p99, "recall": 1.0,
-                     "bytes_per_vector": index_bytes(flat) / n, "param": "-"}
-    print(f"# {n} x {dim}: generated in {gen_s:.1f} s; {100 * own:.0f}% of the true top-10 share "
-          f"the top-1's cluster", flush=True)
+    rows["exact"] = {
+        "build_s": build,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "recall": 1.0,
+        "bytes_per_vector": index_bytes(flat) / n,
+        "param": "-",
+    }
+    print(
+        f"# {n} x {dim}: generated in {gen_s:.1f} s; {100 * own:.0f}% of the true top-10 share "
+        f"the top-1's cluster",
+        flush=True,
+    )
     tune_q, tune_t = queries, truth  # the reported recall is the tuned one, on the same queries
 
     # HNSW, as the store builds it
@@ -150,13 +159,26 @@ def run(n: int, dim: int, n_queries: int, rerank: int) -> dict[str, Any]:
     def set_ef(v):
         hnsw.hnsw.efSearch = v
 
-    ef, tried = tune(set_ef, lambda q: hnsw.search(q, K)[1], [16, 32, 48, 64, 96, 128, 192, 256, 384, 512],
-                     tune_q, tune_t, 0.95)
+    ef, tried = tune(
+        set_ef,
+        lambda q: hnsw.search(q, K)[1],
+        [16, 32, 48, 64, 96, 128, 192, 256, 384, 512],
+        tune_q,
+        tune_t,
+        0.95,
+    )
     p50, p99, ids = latencies(lambda q: hnsw.search(q, K)[1], queries)
-    rows["hnsw"] = {"build_s": build, "p50_ms": p50, "p99_ms": p99, "recall": recall(ids, truth),
-                    "bytes_per_vector": index_bytes(hnsw) / n, "param": f"efSearch={ef}", "tuning": tried}
+    rows["hnsw"] = {
+        "build_s": build,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "recall": recall(ids, truth),
+        "bytes_per_vector": index_bytes(hnsw) / n,
+        "param": f"efSearch={ef}",
+        "tuning": tried,
+    }
     print(f"  hnsw built in {build:.1f} s, efSearch {ef}", flush=True)
-    del hnsw
+    hnsw.reset()  # free its memory before the next option
 
     # IVF-Flat
     nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
@@ -177,9 +199,15 @@ def run(n: int, dim: int, n_queries: int, rerank: int) -> dict[str, Any]:
     probes = [p for p in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if p <= nlist]
     nprobe, tried = tune(set_nprobe, lambda q: ivf.search(q, K)[1], probes, tune_q, tune_t, 0.95)
     p50, p99, ids = latencies(lambda q: ivf.search(q, K)[1], queries)
-    rows["ivf_flat"] = {"build_s": build, "p50_ms": p50, "p99_ms": p99, "recall": recall(ids, truth),
-                        "bytes_per_vector": index_bytes(ivf) / n, "param": f"nlist={nlist} nprobe={nprobe}",
-                        "tuning": tried}
+    rows["ivf_flat"] = {
+        "build_s": build,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "recall": recall(ids, truth),
+        "bytes_per_vector": index_bytes(ivf) / n,
+        "param": f"nlist={nlist} nprobe={nprobe}",
+        "tuning": tried,
+    }
     print(f"  ivf-flat built in {build:.1f} s, nprobe {nprobe}", flush=True)
     ivf_quantizer = faiss.downcast_index(ivf_params.quantizer)
     ivf_params.own_fields = False  # the quantizer outlives the IVF-Flat index
@@ -209,7 +237,7 @@ def run(n: int, dim: int, n_queries: int, rerank: int) -> dict[str, Any]:
                 c = np.sort(cand[i][cand[i] >= 0])
                 s = disk[c] @ q[i]
                 best = c[np.argsort(-s)[:K]]
-                out[i, :best.shape[0]] = best
+                out[i, : best.shape[0]] = best
             return out
 
         def set_pq_nprobe(v):
@@ -222,14 +250,21 @@ def run(n: int, dim: int, n_queries: int, rerank: int) -> dict[str, Any]:
         quantizer = nlist * dim * 4
         per_vec = (total - quantizer) / n
         proj_10m = per_vec * 1e7 + int(4 * math.sqrt(1e7)) * dim * 4
-        rows["ivf_pq"] = {"build_s": build, "p50_ms": p50, "p99_ms": p99, "recall": recall(ids, truth),
-                          "bytes_per_vector": total / n,
-                          "param": f"nlist={nlist} PQ{m}x8 nprobe={nprobe} rerank={rerank}",
-                          "recall_without_rerank": no_rerank, "tuning": tried,
-                          "projected_10m_gib": proj_10m / 2**30,
-                          "rerank_disk_bytes_per_vector": dim * 4}
+        rows["ivf_pq"] = {
+            "build_s": build,
+            "p50_ms": p50,
+            "p99_ms": p99,
+            "recall": recall(ids, truth),
+            "bytes_per_vector": total / n,
+            "param": f"nlist={nlist} PQ{m}x8 nprobe={nprobe} rerank={rerank}",
+            "recall_without_rerank": no_rerank,
+            "tuning": tried,
+            "projected_10m_gib": proj_10m / 2**30,
+            "rerank_disk_bytes_per_vector": dim * 4,
+        }
         print(f"  ivf-pq built in {build:.1f} s, nprobe {nprobe}", flush=True)
-        del pq, disk, ivf
+        pq.reset()
+        ivf.reset()
 
     # through the store: partitions of regions x dates, a filtered search
     with tempfile.TemporaryDirectory() as tmp:
@@ -241,9 +276,15 @@ def run(n: int, dim: int, n_queries: int, rerank: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         for j, (region, date) in enumerate(cells):
             idx = np.flatnonzero(cell == j)
-            store.upsert_partition("bench", region, date, [
-                VectorRecord(f"c{i}", date, region, base[i], -63.0 + (i % 100) * 1e-3, -9.0)
-                for i in idx.tolist()])
+            store.upsert_partition(
+                "bench",
+                region,
+                date,
+                [
+                    VectorRecord(f"c{i}", date, region, base[i], -63.0 + (i % 100) * 1e-3, -9.0)
+                    for i in idx.tolist()
+                ],
+            )
         write_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         store.search("bench", queries[0], K)  # loads the partitions and builds the ANN index
@@ -261,11 +302,14 @@ def run(n: int, dim: int, n_queries: int, rerank: int) -> dict[str, Any]:
             store.search("bench", q, K)
             times_all.append(time.perf_counter() - t1)
         rows["store_filtered"] = {
-            "write_s": write_s, "load_and_index_s": load_s, "index": info["index"]["type"],
+            "write_s": write_s,
+            "load_and_index_s": load_s,
+            "index": info["index"]["type"],
             "p50_ms": float(np.percentile(np.asarray(times) * 1e3, 50)),
             "p99_ms": float(np.percentile(np.asarray(times) * 1e3, 99)),
             "unfiltered_p50_ms": float(np.percentile(np.asarray(times_all) * 1e3, 50)),
-            "matching": n_match, "all_k": bool(min(sizes) == K),
+            "matching": n_match,
+            "all_k": bool(min(sizes) == K),
         }
     return {"n": n, "dim": dim, "own_cluster_share": own, "options": rows}
 
@@ -287,24 +331,33 @@ def main() -> None:
         for dim in (int(d) for d in args.dims.split(",")):
             res = run(n, dim, args.queries, args.rerank)
             results.append(res)
-            print(f"{'N=' + str(n) + ' D=' + str(dim):18s} {'build s':>8s} {'p50 ms':>7s} {'p99 ms':>7s} "
-                  f"{'recall@10':>9s} {'B/vec':>7s} {'p50 vs exact':>12s}  params")
+            print(
+                f"{'N=' + str(n) + ' D=' + str(dim):18s} {'build s':>8s} {'p50 ms':>7s} {'p99 ms':>7s} "
+                f"{'recall@10':>9s} {'B/vec':>7s} {'p50 vs exact':>12s}  params"
+            )
             exact_p50 = res["options"]["exact"]["p50_ms"]
             for name in ("exact", "hnsw", "ivf_flat", "ivf_pq"):
                 o = res["options"][name]
                 extra = ""
                 if name == "ivf_pq":
-                    extra = (f"  (no re-rank {o['recall_without_rerank']:.3f}; 10M -> "
-                             f"{o['projected_10m_gib']:.2f} GiB RAM + {o['rerank_disk_bytes_per_vector']} "
-                             f"B/vec on disk)")
-                print(f"  {name:16s} {o['build_s']:8.1f} {o['p50_ms']:7.2f} {o['p99_ms']:7.2f} "
-                      f"{o['recall']:9.3f} {o['bytes_per_vector']:7.0f} {exact_p50 / o['p50_ms']:11.1f}x  "
-                      f"{o['param']}{extra}")
+                    extra = (
+                        f"  (no re-rank {o['recall_without_rerank']:.3f}; 10M -> "
+                        f"{o['projected_10m_gib']:.2f} GiB RAM + {o['rerank_disk_bytes_per_vector']} "
+                        f"B/vec on disk)"
+                    )
+                print(
+                    f"  {name:16s} {o['build_s']:8.1f} {o['p50_ms']:7.2f} {o['p99_ms']:7.2f} "
+                    f"{o['recall']:9.3f} {o['bytes_per_vector']:7.0f} {exact_p50 / o['p50_ms']:11.1f}x  "
+                    f"{o['param']}{extra}"
+                )
             s = res["options"]["store_filtered"]
-            print(f"  store filtered   p50 {s['p50_ms']:.2f} ms, p99 {s['p99_ms']:.2f} ms over {s['matching']} "
-                  f"matching of {n} (1 region x 2 dates), k results every time: {s['all_k']}; "
-                  f"unfiltered p50 {s['unfiltered_p50_ms']:.2f} ms ({s['index']}); write {s['write_s']:.1f} s, "
-                  f"load + index {s['load_and_index_s']:.1f} s", flush=True)
+            print(
+                f"  store filtered   p50 {s['p50_ms']:.2f} ms, p99 {s['p99_ms']:.2f} ms over {s['matching']} "
+                f"matching of {n} (1 region x 2 dates), k results every time: {s['all_k']}; "
+                f"unfiltered p50 {s['unfiltered_p50_ms']:.2f} ms ({s['index']}); write {s['write_s']:.1f} s, "
+                f"load + index {s['load_and_index_s']:.1f} s",
+                flush=True,
+            )
     print(json.dumps({"device": where, "faiss": faiss.__version__, "results": results}, default=float))
 
 

@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import rasterio
 from rasterio.warp import transform as warp_transform
-from rasterio.windows import Window
 
 from geofm_assets import bands
 from geofm_assets.geo.sample_data import generate_sample
@@ -40,13 +39,16 @@ MAJORITY = 0.6
 BAD_SCL = (bands.SCL_NO_DATA, *bands.SCL_CLOUD_CLASSES, *bands.SCL_SHADOW_CLASSES)
 
 
-def scene_chips(item_path: Path, landcover: rasterio.DatasetReader, lc: np.ndarray, size: int, max_bad: float):
+def scene_chips(
+    item_path: Path, landcover: rasterio.DatasetReader, lc: np.ndarray, size: int, max_bad: float
+):
     """(dn [C H W] float32, class, x, y, datetime, tile) of each usable chip of one scene."""
     item = json.loads(item_path.read_text())
     props = item["properties"]
     offset = 0
-    if (not props.get("earthsearch:boa_offset_applied", False)
-            and tuple(int(p) for p in props["s2:processing_baseline"].split(".")) >= (4, 0)):
+    if not props.get("earthsearch:boa_offset_applied", False) and tuple(
+        int(p) for p in props["s2:processing_baseline"].split(".")
+    ) >= (4, 0):
         offset = bands.BOA_ADD_OFFSET_DN
     href = {k: (item_path.parent / v["href"]).resolve() for k, v in item["assets"].items()}
     with rasterio.open(href[bands.SPECTRAL_BAND_NAMES[0]]) as ref:
@@ -71,17 +73,17 @@ def scene_chips(item_path: Path, landcover: rasterio.DatasetReader, lc: np.ndarr
             lr, lc_ = r0 + r, c0 + c
             if lr < 0 or lc_ < 0 or lr + size > lc.shape[0] or lc_ + size > lc.shape[1]:
                 continue
-            cover = lc[lr:lr + size, lc_:lc_ + size]
+            cover = lc[lr : lr + size, lc_ : lc_ + size]
             if (cover == 0).any():
                 continue
             counts = np.bincount(cover.ravel(), minlength=7)
             cls = int(counts.argmax())
             if counts[cls] < MAJORITY * cover.size:
                 continue
-            if np.isin(scl[r:r + size, c:c + size], BAD_SCL).mean() > max_bad:
+            if np.isin(scl[r : r + size, c : c + size], BAD_SCL).mean() > max_bad:
                 continue
             x, y = t * (c + size / 2, r + size / 2)
-            out.append((dn[:, r:r + size, c:c + size], cls, x, y, when, props["s2:mgrs_tile"]))
+            out.append((dn[:, r : r + size, c : c + size], cls, x, y, when, props["s2:mgrs_tile"]))
     return out
 
 
@@ -109,21 +111,28 @@ def main() -> None:
         with rasterio.open(sample.landcover_path) as landcover:
             lc = landcover.read(1)
             items = sorted(sample.root.glob("sentinel-2-l2a/*/*.json"))
-            clear = [i for i in items
-                     if json.loads(i.read_text())["properties"]["eo:cloud_cover"] <= args.max_cloud]
+            clear = [
+                i
+                for i in items
+                if json.loads(i.read_text())["properties"]["eo:cloud_cover"] <= args.max_cloud
+            ]
             for item in clear:
                 chips += scene_chips(item, landcover, lc, args.chip, args.max_bad)
     dn = np.stack([c[0] for c in chips])  # [N C H W]
     labels = np.array([c[1] for c in chips])
     xy = np.array([(c[2], c[3]) for c in chips])
     lon, lat = warp_transform("EPSG:32720", "EPSG:4326", xy[:, 0].tolist(), xy[:, 1].tolist())
-    print(f"# {len(chips)} chips of {args.chip} px from {len(clear)} clear scenes of {len(items)} "
-          f"(tiny sample, seed 0); {dt.date.today()}")
+    print(
+        f"# {len(chips)} chips of {args.chip} px from {len(clear)} clear scenes of {len(items)} "
+        f"(tiny sample, seed 0); {dt.date.today()}"
+    )
 
     encoder = build_encoder(args.encoder)
     vecs = []
     for s in range(0, len(chips), 64):
-        cube = make_datacube(dn[s:s + 64], [c[4] for c in chips[s:s + 64]], lat[s:s + 64], lon[s:s + 64])
+        cube = make_datacube(
+            dn[s : s + 64], [c[4] for c in chips[s : s + 64]], lat[s : s + 64], lon[s : s + 64]
+        )
         vecs.append(np.asarray(encoder.embed_datacube(cube), np.float32))
     emb = np.concatenate(vecs)
     stats = np.concatenate([dn.mean(axis=(2, 3)), dn.std(axis=(2, 3))], axis=1)
@@ -138,14 +147,33 @@ def main() -> None:
     for cls in sorted(set(labels.tolist())):
         m = labels == cls
         name = names[str(cls)]
-        per_class[name] = {"chips": int(m.sum()), "random": float(freq[cls - 1]),
-                           "mean_std": float(p_stats[m].mean()), args.encoder: float(p_enc[m].mean())}
-        print(f"{name:10s} {int(m.sum()):6d} {freq[cls - 1]:7.3f} {p_stats[m].mean():9.3f} {p_enc[m].mean():7.3f}")
+        per_class[name] = {
+            "chips": int(m.sum()),
+            "random": float(freq[cls - 1]),
+            "mean_std": float(p_stats[m].mean()),
+            args.encoder: float(p_enc[m].mean()),
+        }
+        print(
+            f"{name:10s} {int(m.sum()):6d} {freq[cls - 1]:7.3f} "
+            f"{p_stats[m].mean():9.3f} {p_enc[m].mean():7.3f}"
+        )
     random_p = float((freq**2).sum())
-    print(f"{'overall':10s} {len(labels):6d} {random_p:7.3f} {p_stats.mean():9.3f} {p_enc.mean():7.3f}  "
-          f"({p_enc.mean() / random_p:.1f}x random, {p_enc.mean() / p_stats.mean():.2f}x mean+std)")
-    print(json.dumps({"encoder": args.encoder, "chips": len(labels), "precision_at_10": float(p_enc.mean()),
-                      "random": random_p, "mean_std": float(p_stats.mean()), "per_class": per_class}))
+    print(
+        f"{'overall':10s} {len(labels):6d} {random_p:7.3f} {p_stats.mean():9.3f} {p_enc.mean():7.3f}  "
+        f"({p_enc.mean() / random_p:.1f}x random, {p_enc.mean() / p_stats.mean():.2f}x mean+std)"
+    )
+    print(
+        json.dumps(
+            {
+                "encoder": args.encoder,
+                "chips": len(labels),
+                "precision_at_10": float(p_enc.mean()),
+                "random": random_p,
+                "mean_std": float(p_stats.mean()),
+                "per_class": per_class,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
