@@ -196,7 +196,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"  {lake}/vector_index/                                 the FAISS vector index\n"
         f"Try: .venv/bin/python -c \"import duckdb; print(duckdb.sql(\\\"SELECT region, "
         f"count(*) FROM '{lake}/chips/region=*/date=*/*.parquet' GROUP BY region\\\"))\"\n"
-        f"Open the UI: make ui  (then http://127.0.0.1:3000, Assets -> chips)"
+        f"Open the UI: make ui  (then http://127.0.0.1:3000, Catalog -> chips -> Partitions)"
     )
     example = next((r for r in rows if r.get("vectors")), None)
     if example is not None:
