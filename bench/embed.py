@@ -29,10 +29,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from geofm_assets.models import build_encoder
-from geofm_assets.models.base import Encoder
+from geofm_assets.models.base import Encoder, resolve_device
 from geofm_assets.models.clay import CLAY_CONFIGS, ClayEncoder, ClayEncoderModel
 from geofm_assets.models.datacube import make_datacube
-from geofm_assets.workers.embed import embed_partition, read_datacube, resolve_device
+from geofm_assets.workers.embed import embed_partition, read_datacube
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -106,7 +106,7 @@ def main() -> None:
     p.add_argument("--e2e-max-seconds", type=float, default=120.0,
                    help="skip the end-to-end run of an encoder whose model-only estimate exceeds this")
     args = p.parse_args()
-    device = resolve_device(args.device)
+    device = resolve_device(args.device).type
     batch = args.batch or (32 if device == "cuda" else 4)
     dtype = torch.bfloat16 if device == "cuda" or args.cpu_bf16 else torch.float32
     if device == "cuda":

@@ -16,6 +16,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+# The table each region x date partition of these assets holds (one name per asset).
+CHIPS_TABLE = "chips.parquet"
+EMBEDDINGS_TABLE = "embeddings.parquet"
+
 SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -76,12 +80,17 @@ def write_partition(root: Path, asset: str, region: str, date: str) -> Iterator[
 
 # Tables DuckDB exposes as views, one per asset: (view, glob under the lake root).
 SQL_VIEWS = (
-    ("chips", "chips/region=*/date=*/chips.parquet"),
-    ("embeddings", "embeddings/region=*/date=*/embeddings.parquet"),
+    ("chips", f"chips/region=*/date=*/{CHIPS_TABLE}"),
+    ("embeddings", f"embeddings/region=*/date=*/{EMBEDDINGS_TABLE}"),
     ("embedding_projections", "embedding_projections/region=*/*.parquet"),
     ("similarity_metrics", "similarity_metrics/region=*/*.parquet"),
     ("change_maps", "change_maps/region=*/*.parquet"),
 )
+
+
+def table_glob(root: Path, view: str) -> str:
+    """The glob of ``view``'s Parquet files under the lake ``root`` (see ``SQL_VIEWS``)."""
+    return str(Path(root) / dict(SQL_VIEWS)[view])
 
 
 def lake_connection(root: Path):  # -> duckdb.DuckDBPyConnection

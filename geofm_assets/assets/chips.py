@@ -29,10 +29,9 @@ from geofm_assets.geo.quality import (
     check_reflectance_range,
 )
 from geofm_assets.geo.regions import ChipGrid
+from geofm_assets.lake import CHIPS_TABLE
 from geofm_assets.partitions import region_and_date, region_date_partitions
 from geofm_assets.resources.lake import LakeResource
-
-CHIPS_TABLE = "chips.parquet"
 
 CHIPS_SCHEMA = pa.schema(
     [

@@ -12,13 +12,13 @@ from dagster import (
     asset,
 )
 
-from geofm_assets.assets.chips import CHIPS_TABLE, chips
+from geofm_assets.assets.chips import chips
 from geofm_assets.geo.geoparquet import read_json_metadata
+from geofm_assets.lake import CHIPS_TABLE, EMBEDDINGS_TABLE
 from geofm_assets.models.quality import check_embeddings
 from geofm_assets.partitions import region_and_date, region_date_partitions
 from geofm_assets.resources.encoder import EmbeddingLauncher, EncoderResource
 from geofm_assets.resources.lake import LakeResource
-from geofm_assets.workers.embed import EMBEDDINGS_TABLE
 
 # Dimensions fixed by the published architectures; other encoders report their own.
 PUBLISHED_DIMS = {"clay-v1": 768, "clay-v1.5": 1024}

@@ -14,11 +14,11 @@ from dagster import (
 
 from geofm_assets.assets.embeddings import embeddings
 from geofm_assets.geo.geoparquet import read_json_metadata
+from geofm_assets.lake import EMBEDDINGS_TABLE
 from geofm_assets.partitions import region_and_date, region_date_partitions
 from geofm_assets.resources.lake import LakeResource
 from geofm_assets.resources.vector_store import VectorStoreResource
 from geofm_assets.search.records import records_from_embeddings
-from geofm_assets.workers.embed import EMBEDDINGS_TABLE
 
 
 @asset(

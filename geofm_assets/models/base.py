@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from geofm_assets.models.datacube import Datacube
 
@@ -23,6 +24,19 @@ class Encoder(ABC):
     @abstractmethod
     def embed_datacube(self, datacube: Datacube) -> np.ndarray:
         """[B D] float32, one vector per chip."""
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` -> CUDA when there is a GPU, else the CPU; ``cpu``/``cuda[:N]`` as given, after
+    checking that CUDA is there when asked for."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise EncoderError(f"device {device!r} asked for but CUDA is not available")
+    if resolved.type not in ("cpu", "cuda"):
+        raise EncoderError(f"device must be cpu, cuda or auto, got {device!r}")
+    return resolved
 
 
 def file_digest(path: Path, chunk: int = 1 << 20) -> str:

@@ -109,7 +109,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from geofm_assets.models.base import Encoder, EncoderError, file_digest
+from geofm_assets.models.base import Encoder, EncoderError, file_digest, resolve_device
 from geofm_assets.models.datacube import Datacube
 
 log = logging.getLogger(__name__)
@@ -489,17 +489,6 @@ def check_fits(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, 
 # --- the Encoder -------------------------------------------------------------------------------
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise EncoderError(f"device {device!r} asked for but CUDA is not available")
-    if resolved.type not in ("cpu", "cuda"):
-        raise EncoderError(f"device must be cpu, cuda or auto, got {device!r}")
-    return resolved
-
-
 class ClayEncoder(Encoder):
     """A Clay encoder with its weights, embedding datacubes (``models/datacube.py``).
 
@@ -519,7 +508,7 @@ class ClayEncoder(Encoder):
         self.name = name or model.config.name
         self.dim = model.config.dim
         self.checkpoint_digest = checkpoint_digest
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.cpu_bf16 = cpu_bf16
         self.model = model.to(self.device).eval()
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from geofm_assets.bands import BANDS_BY_NAME, SPECTRAL_BAND_NAMES
-from geofm_assets.models.base import Encoder, EncoderError, file_digest
+from geofm_assets.models.base import Encoder, EncoderError, file_digest, resolve_device
 from geofm_assets.models.datacube import Datacube, denormalize_pixels
 
 RGB_BANDS: tuple[str, str, str] = ("red", "green", "blue")
@@ -40,7 +40,7 @@ class HFEncoder(Encoder):
     def __init__(self, source: str, *, directory: Path | None = None, device: str = "cpu",
                  batch_size: int = 16) -> None:
         self.name = f"hf:{source}"
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.batch_size = batch_size
         self.directory = resolve_model_dir(source) if directory is None else Path(directory)
         if not self.directory.is_dir():

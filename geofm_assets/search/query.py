@@ -17,6 +17,7 @@ import numpy as np
 import shapely
 from shapely.geometry import mapping
 
+from geofm_assets.lake import table_glob
 from geofm_assets.search import SearchFilter, StoreError, VectorStore
 
 
@@ -31,10 +32,6 @@ class ChipRef:
     region: str
 
 
-def _glob(lake_root: Path, asset: str, table: str) -> str:
-    return str(lake_root / asset / "region=*" / "date=*" / table)
-
-
 def _query(sql: str, params: Sequence[Any] = ()) -> list[tuple]:
     try:
         return duckdb.execute(sql, list(params)).fetchall()
@@ -45,7 +42,7 @@ def _query(sql: str, params: Sequence[Any] = ()) -> list[tuple]:
 def embedded_dates(lake_root: Path, chip_id: str, model: str) -> list[tuple[dt.date, str]]:
     """(date, region) of every embedding of ``chip_id`` by ``model`` in the lake, newest first."""
     rows = _query(
-        f"SELECT DISTINCT date, region FROM read_parquet('{_glob(lake_root, 'embeddings', '*.parquet')}') "
+        f"SELECT DISTINCT date, region FROM read_parquet('{table_glob(lake_root, 'embeddings')}') "
         "WHERE chip_id = ? AND model = ? ORDER BY date DESC",
         [chip_id, model],
     )
@@ -55,7 +52,7 @@ def embedded_dates(lake_root: Path, chip_id: str, model: str) -> list[tuple[dt.d
 def chip_at_point(lake_root: Path, lon: float, lat: float, date: dt.date) -> ChipRef:
     """The kept chip of ``date`` whose footprint holds (lon, lat)."""
     rows = _query(
-        f"SELECT chip_id, region, geometry FROM read_parquet('{_glob(lake_root, 'chips', 'chips.parquet')}') "
+        f"SELECT chip_id, region, geometry FROM read_parquet('{table_glob(lake_root, 'chips')}') "
         "WHERE date = ? AND ? BETWEEN centroid_lon - 0.05 AND centroid_lon + 0.05 "
         "AND ? BETWEEN centroid_lat - 0.05 AND centroid_lat + 0.05",
         [date, lon, lat],
@@ -168,7 +165,7 @@ def results_geojson(lake_root: Path, answer: dict[str, Any]) -> dict[str, Any]:
     features = []
     for r in answer["results"]:
         rows = _query(
-            f"SELECT geometry FROM read_parquet('{_glob(Path(lake_root), 'chips', 'chips.parquet')}') "
+            f"SELECT geometry FROM read_parquet('{table_glob(Path(lake_root), 'chips')}') "
             "WHERE chip_id = ? AND date = ?",
             [r["chip_id"], dt.date.fromisoformat(r["date"])],
         )

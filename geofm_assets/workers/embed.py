@@ -29,13 +29,11 @@ import pyarrow.parquet as pq
 
 from geofm_assets.bands import SPECTRAL_BAND_NAMES
 from geofm_assets.geo.geoparquet import write_geoparquet
-from geofm_assets.lake import partition_dir, write_partition
-from geofm_assets.models.base import Encoder
+from geofm_assets.lake import CHIPS_TABLE, EMBEDDINGS_TABLE, partition_dir, write_partition
+from geofm_assets.models.base import Encoder, resolve_device
 from geofm_assets.models.datacube import make_datacube
 
-EMBEDDINGS_TABLE = "embeddings.parquet"
 PATCHES_FILE = "patches.npy"
-CHIPS_TABLE = "chips.parquet"
 
 
 class EmbeddingError(RuntimeError):
@@ -221,16 +219,6 @@ def embeddings_table(chips: pa.Table, matrix: np.ndarray, encoder: Encoder) -> p
     )
 
 
-def resolve_device(requested: str) -> str:
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise EmbeddingError(f"device {requested!r} requested but no CUDA device is available")
-    return requested
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     from dagster_pipes import open_dagster_pipes
 
@@ -238,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with open_dagster_pipes() as pipes:
         extras = pipes.extras
-        device = resolve_device(str(extras.get("device", "auto")))
+        device = str(resolve_device(str(extras.get("device", "auto"))))
         checkpoint = extras.get("checkpoint")
         encoder = build_encoder(
             str(extras["model"]), checkpoint=Path(checkpoint) if checkpoint else None, device=device
