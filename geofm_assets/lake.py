@@ -57,11 +57,32 @@ def partition_dir(root: Path, asset: str, region: str, date: str) -> Path:
     )
 
 
+def region_dir(root: Path, asset: str, region: str) -> Path:
+    """``{root}/{asset}/region={region}``: where a region-level asset (over all of a region's
+    dates) keeps its files."""
+    return Path(root) / checked_segment("asset", asset) / f"region={checked_segment('region', region)}"
+
+
 @contextmanager
 def write_partition(root: Path, asset: str, region: str, date: str) -> Iterator[Path]:
     """Yield an empty staging directory beside the partition; on success it replaces the
     partition whole, on error it is removed and the previous partition stays as it was."""
-    final = partition_dir(root, asset, region, date)
+    with swap_directory(partition_dir(root, asset, region, date)) as staging:
+        yield staging
+
+
+@contextmanager
+def write_region(root: Path, asset: str, region: str) -> Iterator[Path]:
+    """``write_partition`` for a region-level asset: the staging directory replaces
+    ``region_dir(root, asset, region)`` whole on success."""
+    with swap_directory(region_dir(root, asset, region)) as staging:
+        yield staging
+
+
+@contextmanager
+def swap_directory(final: Path) -> Iterator[Path]:
+    """Yield an empty staging directory beside ``final``; on success it replaces ``final``
+    (two renames), on error it is removed and ``final`` stays as it was."""
     final.parent.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex[:12]
     staging = final.parent / f".staging-{final.name}-{token}"

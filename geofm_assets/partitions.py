@@ -9,6 +9,7 @@ from dagster import (
     DynamicPartitionsDefinition,
     MultiPartitionKey,
     MultiPartitionsDefinition,
+    MultiToSingleDimensionPartitionMapping,
     StaticPartitionsDefinition,
 )
 
@@ -25,6 +26,8 @@ region_partitions = StaticPartitionsDefinition(sorted(REGIONS))
 region_date_partitions = MultiPartitionsDefinition(
     {"date": date_partitions, "region": region_partitions}
 )
+# A region-level asset (partitioned by region only) depends on every date of its region.
+all_dates_of_region = MultiToSingleDimensionPartitionMapping(partition_dimension_name="region")
 
 
 def partition_key(date: dt.date | str, region: str) -> MultiPartitionKey:
@@ -38,3 +41,8 @@ def region_and_date(context: AssetExecutionContext) -> tuple[Region, dt.date]:
         raise ValueError(f"expected a region x date partition key, got {key!r}")
     dims = key.keys_by_dimension
     return get_region(REGIONS, dims["region"]), checked_date(dims["date"])
+
+
+def region_of(context: AssetExecutionContext) -> Region:
+    """The region of a region-level (region-partitioned) asset's partition."""
+    return get_region(REGIONS, context.partition_key)

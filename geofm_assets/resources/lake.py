@@ -29,6 +29,15 @@ class LakeResource(ConfigurableResource):
         """Yield an empty staging directory; on success it replaces the partition whole, on
         error it is removed and the previous partition stays as it was."""
 
+    @abstractmethod
+    def region_dir(self, asset: str, region: str) -> Path:
+        """A local directory holding a region-level asset's committed files (may not exist)."""
+
+    @abstractmethod
+    @contextmanager
+    def write_region(self, asset: str, region: str) -> Iterator[Path]:
+        """``write_partition`` for a region-level asset (all of a region's dates)."""
+
 
 class LocalLakeResource(LakeResource):
     """The embedded default: a directory (``dagster_home/lake``)."""
@@ -48,4 +57,12 @@ class LocalLakeResource(LakeResource):
     @contextmanager
     def write_partition(self, asset: str, region: str, date: str) -> Iterator[Path]:
         with lake.write_partition(self.root_path, asset, region, date) as staging:
+            yield staging
+
+    def region_dir(self, asset: str, region: str) -> Path:
+        return lake.region_dir(self.root_path, asset, region)
+
+    @contextmanager
+    def write_region(self, asset: str, region: str) -> Iterator[Path]:
+        with lake.write_region(self.root_path, asset, region) as staging:
             yield staging
