@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,41 @@ def resources(tiny_sample: SampleCatalog, tmp_path: Path) -> dict[str, object]:
         "stac": StacResource(catalog=str(tiny_sample.catalog_path)),
         "lake": LocalLakeResource(root=str(tmp_path / "lake")),
     }
+
+
+@dataclass(frozen=True)
+class TinyLake:
+    """The tiny sample carried through sentinel2_tiles, chips and embeddings (rcf) for every
+    region x date, once per test session. Read-only: copy ``root`` before writing into it."""
+
+    root: Path
+    sample: SampleCatalog
+    dates: list[str]
+    regions: list[str]
+
+
+@pytest.fixture(scope="session")
+def tiny_lake(tiny_sample: SampleCatalog, tmp_path_factory: pytest.TempPathFactory) -> TinyLake:
+    from dagster import materialize
+
+    from geofm_assets.assets.chips import chips
+    from geofm_assets.assets.tiles import sentinel2_tiles
+    from geofm_assets.models import build_encoder
+    from geofm_assets.partitions import REGIONS, partition_key
+    from geofm_assets.workers.embed import embed_partition
+
+    root = tmp_path_factory.mktemp("tiny_lake") / "lake"
+    inst = DagsterInstance.ephemeral()
+    dates = [d.isoformat() for d in tiny_sample.dates]
+    inst.add_dynamic_partitions(DATE_PARTITIONS_NAME, dates)
+    res = {"stac": StacResource(catalog=str(tiny_sample.catalog_path)),
+           "lake": LocalLakeResource(root=str(root))}
+    encoder = build_encoder("rcf")
+    regions = sorted(REGIONS)
+    for region in regions:
+        for date in dates:
+            result = materialize([sentinel2_tiles, chips], instance=inst, resources=res,
+                                 partition_key=str(partition_key(date, region)))
+            assert result.success, f"tiles/chips failed for {date}|{region}"
+            embed_partition(root, region, date, encoder, batch_size=8, log=lambda _m: None)
+    return TinyLake(root, tiny_sample, dates, regions)
