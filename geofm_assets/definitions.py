@@ -14,6 +14,7 @@ from geofm_assets.assets.embeddings import embeddings
 from geofm_assets.assets.tiles import sentinel2_tiles
 from geofm_assets.assets.vector_index import vector_index
 from geofm_assets.paths import lake_root, stac_catalog
+from geofm_assets.resources.aws import aws_resources
 from geofm_assets.resources.encoder import EncoderResource, SubprocessEmbeddingLauncher
 from geofm_assets.resources.lake import LocalLakeResource
 from geofm_assets.resources.stac import StacResource
@@ -52,6 +53,7 @@ def vector_store_from_env() -> VectorStoreResource:
 
 RESOURCES_BY_ENV: Mapping[str, Callable[[], dict[str, Any]]] = {
     "local": local_resources,
+    "aws": aws_resources,
 }
 
 

@@ -1,7 +1,6 @@
 """``chips``: 256 x 256 chips of the region mosaic on the region's fixed grid."""
 
 import datetime as dt
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -170,11 +169,11 @@ def chips(context: AssetExecutionContext, config: ChipsConfig, lake: LakeResourc
     if status == "no_scene":
         context.log.warning(f"no scene over {region.name} on {date}: empty chips table")
     sheet = contact_sheet(
-        [Path(lake.uri(p)) for p in table.column("thumbnail_path").to_pylist()]
+        [lake.local_path(p) for p in table.column("thumbnail_path").to_pylist()]
     )
     if sheet is not None:
         metadata["preview"] = md_image(sheet, f"chips {region.name} {date}")
-    lake_root = Path(lake.uri())
+    lake_root = lake.local_path()
     checks = []
     for name, (passed, details) in (
         ("datacubes_finite", check_datacubes_readable(lake_root, table)),

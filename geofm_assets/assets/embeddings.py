@@ -13,6 +13,7 @@ from dagster import (
 )
 
 from geofm_assets.assets.chips import chips
+from geofm_assets.automation import follows_upstream_partition
 from geofm_assets.geo.geoparquet import read_json_metadata
 from geofm_assets.lake import CHIPS_TABLE, EMBEDDINGS_TABLE
 from geofm_assets.models.quality import check_embeddings
@@ -33,6 +34,7 @@ EMBEDDING_CHECKS = (
 
 @asset(
     partitions_def=region_date_partitions,
+    automation_condition=follows_upstream_partition(),
     deps=[chips],
     group_name="embed",
     kinds={"pytorch", "geoparquet"},

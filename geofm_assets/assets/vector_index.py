@@ -13,6 +13,7 @@ from dagster import (
 )
 
 from geofm_assets.assets.embeddings import embeddings
+from geofm_assets.automation import follows_upstream_partition
 from geofm_assets.geo.geoparquet import read_json_metadata
 from geofm_assets.lake import EMBEDDINGS_TABLE
 from geofm_assets.partitions import region_and_date, region_date_partitions
@@ -23,6 +24,7 @@ from geofm_assets.search.records import records_from_embeddings
 
 @asset(
     partitions_def=region_date_partitions,
+    automation_condition=follows_upstream_partition(),
     deps=[embeddings],
     group_name="search",
     kinds={"faiss", "opensearch"},

@@ -20,6 +20,11 @@ class LakeResource(ConfigurableResource):
         """The URI of a lake path (for metadata, workers, and readers such as DuckDB)."""
 
     @abstractmethod
+    def local_path(self, *parts: str) -> Path:
+        """The local path of lake path ``parts`` (for the S3 lake: its cached copy, present once
+        its partition was read or written through this resource)."""
+
+    @abstractmethod
     def partition_dir(self, asset: str, region: str, date: str) -> Path:
         """A local directory holding the committed partition (may not exist)."""
 
@@ -50,6 +55,9 @@ class LocalLakeResource(LakeResource):
 
     def uri(self, *parts: str) -> str:
         return str(self.root_path.joinpath(*parts))
+
+    def local_path(self, *parts: str) -> Path:
+        return self.root_path.joinpath(*parts)
 
     def partition_dir(self, asset: str, region: str, date: str) -> Path:
         return lake.partition_dir(self.root_path, asset, region, date)

@@ -219,6 +219,34 @@ def embeddings_table(chips: pa.Table, matrix: np.ndarray, encoder: Encoder) -> p
     )
 
 
+def embed_lake_partition(
+    lake_root: str, region: str, date: str, encoder: Encoder, **kwargs: Any
+) -> EmbedStats:
+    """``embed_partition`` on a lake given by URI: a local directory, or ``s3://bucket/prefix``
+    (the chips partition is fetched into a scratch cache and the embeddings partition is
+    committed back with single PUTs and a ``_SUCCESS`` manifest written last)."""
+    if not lake_root.startswith("s3://"):
+        return embed_partition(Path(lake_root), region, date, encoder, **kwargs)
+    import os
+    import tempfile
+
+    from geofm_assets.lake_s3 import S3Lake, s3_client
+
+    log = kwargs.get("log", print)
+    with tempfile.TemporaryDirectory(prefix="geofm-worker-") as cache:
+        s3 = S3Lake.from_uri(
+            lake_root,
+            s3_client(os.environ.get("GEOFM_S3_ENDPOINT_URL"), os.environ.get("AWS_REGION")),
+            cache_root=cache, log=log,
+        )
+        s3.fetch(partition_dir(Path(), "chips", region, date).as_posix())
+        local_root = Path(cache)
+        stats = embed_partition(local_root, region, date, encoder, **kwargs)
+        rel = partition_dir(Path(), "embeddings", region, date).as_posix()
+        s3.commit(local_root / rel, rel)
+    return stats
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from dagster_pipes import open_dagster_pipes
 
@@ -232,8 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             str(extras["model"]), checkpoint=Path(checkpoint) if checkpoint else None, device=device
         )
         pipes.log.info(f"embedding {extras['date']}|{extras['region']} with {encoder.name} on {device}")
-        stats = embed_partition(
-            Path(extras["lake_root"]), str(extras["region"]), str(extras["date"]), encoder,
+        stats = embed_lake_partition(
+            str(extras["lake_root"]), str(extras["region"]), str(extras["date"]), encoder,
             batch_size=int(extras.get("batch_size", 16)), device=device,
             patch_embeddings=bool(extras.get("patch_embeddings", False)), log=pipes.log.info,
         )

@@ -1,0 +1,174 @@
+"""End to end, as a user: the real webserver and daemon (`dagster dev`), driven through GraphQL.
+
+One `dagster dev` for the module, on a free loopback port with a temporary DAGSTER_HOME and lake,
+over a copy of the tiny sample. Stopped at the end whatever happens."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dagster_dev_server import LOCATION, REPOSITORY, DagsterDev, dagster_dev
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+REPO_SELECTOR = {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY}
+BACKFILL_REGION = "candeias"
+PER_PARTITION = ["sentinel2_tiles", "chips", "embeddings", "vector_index"]
+DONE = {"COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"}
+
+
+@pytest.fixture(scope="module")
+def dev(tiny_sample, tmp_path_factory) -> Iterator[DagsterDev]:
+    root = tmp_path_factory.mktemp("e2e")
+    sample = root / "sample"
+    shutil.copytree(tiny_sample.root, sample)
+    env = {
+        "GEOFM_STAC_CATALOG": str(sample / tiny_sample.catalog_path.relative_to(tiny_sample.root)),
+        "GEOFM_LAKE_ROOT": str(root / "lake"),
+        "GEOFM_ENV": "local",
+    }
+    with dagster_dev(root / "dagster_home", env) as server:
+        yield server
+
+
+def backfill_status(dev: DagsterDev, backfill_id: str) -> dict:
+    data = dev.graphql(
+        "query($id: String!) { partitionBackfillOrError(backfillId: $id) { __typename "
+        "... on PartitionBackfill { status numPartitions error { message } } "
+        "... on PythonError { message } } }", {"id": backfill_id})
+    return data["partitionBackfillOrError"]
+
+
+def materialized_partitions(dev: DagsterDev, asset: str) -> set[str]:
+    data = dev.graphql(
+        "query($k: AssetKeyInput!) { assetNodeOrError(assetKey: $k) { ... on AssetNode { "
+        "assetMaterializations(limit: 100) { partition } } } }", {"k": {"path": [asset]}})
+    return {m["partition"] for m in data["assetNodeOrError"]["assetMaterializations"]}
+
+
+def add_dates(dev: DagsterDev, dates: list[str]) -> None:
+    for date in dates:
+        data = dev.graphql(
+            "mutation($repo: RepositorySelector!, $d: String!) { addDynamicPartition("
+            "repositorySelector: $repo, partitionsDefName: \"s2_date\", partitionKey: $d) "
+            "{ __typename ... on PythonError { message } ... on UnauthorizedError { message } } }",
+            {"repo": REPO_SELECTOR, "d": date})
+        kind = data["addDynamicPartition"]["__typename"]
+        assert kind in ("AddDynamicPartitionSuccess", "DuplicateDynamicPartitionError"), data
+
+
+def test_backfill_of_a_region_date_range_succeeds_with_lineage_and_checks(dev, tiny_sample):
+    dates = [d.isoformat() for d in tiny_sample.dates[1:3]]
+    add_dates(dev, dates)
+    keys = [f"{d}|{BACKFILL_REGION}" for d in dates]
+    data = dev.graphql(
+        "mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) { "
+        "__typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } "
+        "... on InvalidSubsetError { message } ... on UnauthorizedError { message } } }",
+        {"p": {"partitionNames": keys, "assetSelection": [{"path": [a]} for a in PER_PARTITION],
+               "title": "e2e backfill"}})
+    launched = data["launchPartitionBackfill"]
+    assert launched["__typename"] == "LaunchBackfillSuccess", launched
+    backfill_id = launched["backfillId"]
+
+    status = dev.wait_for(
+        "the backfill to finish",
+        lambda: (s := backfill_status(dev, backfill_id)) and s.get("status") in DONE and s, 420, every=3)
+    assert status["status"] in ("COMPLETED", "COMPLETED_SUCCESS"), (status, dev.log_tail())
+
+    for asset in PER_PARTITION:
+        assert set(keys) <= materialized_partitions(dev, asset), asset
+
+    # lineage: the graph as the UI draws it
+    nodes = dev.graphql("{ assetNodes { assetKey { path } dependencyKeys { path } } }")["assetNodes"]
+    upstream = {n["assetKey"]["path"][0]: {k["path"][0] for k in n["dependencyKeys"]} for n in nodes}
+    assert upstream["chips"] == {"sentinel2_tiles"}
+    assert upstream["embeddings"] == {"chips"}
+    assert upstream["vector_index"] == {"embeddings"}
+
+    # checks: every check of the backfilled assets ran for each backfilled partition and passed
+    for asset in PER_PARTITION:
+        data = dev.graphql(
+            "query($k: AssetKeyInput!) { assetNodeOrError(assetKey: $k) { ... on AssetNode { "
+            "assetChecksOrError { ... on AssetChecks { checks { name } } } } } }", {"k": {"path": [asset]}})
+        checks = [c["name"] for c in data["assetNodeOrError"]["assetChecksOrError"]["checks"]]
+        assert checks, f"{asset} has no asset checks"
+        for check in checks:
+            if check == "chips_freshness":  # region-wide, not run per partition
+                continue
+            for key in keys:
+                runs = dev.graphql(
+                    "query($k: AssetKeyInput!, $c: String!, $p: String) { assetCheckExecutions("
+                    "assetKey: $k, checkName: $c, partition: $p, limit: 5) { status } }",
+                    {"k": {"path": [asset]}, "c": check, "p": key})["assetCheckExecutions"]
+                assert runs and runs[0]["status"] == "SUCCEEDED", (asset, check, key, runs)
+
+    lake = Path(dev.home).parent / "lake"
+    for d in dates:
+        assert (lake / f"chips/region={BACKFILL_REGION}/date={d}/chips.parquet").exists()
+        assert (lake / f"embeddings/region={BACKFILL_REGION}/date={d}/embeddings.parquet").exists()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.fixture
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (make test installs them "
+                    "with apt-get when it runs as root)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1600,1000", "--no-first-run", "--disable-background-networking"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def page_text_when(driver, dev: DagsterDev, path: str, wanted: list[str], timeout: float = 90) -> str:
+    """Open ``path`` and wait until the page shows every string in ``wanted`` (dismissing the
+    webserver's first-visit newsletter dialog)."""
+    from selenium.webdriver.common.by import By
+
+    driver.get(dev.url + path)
+
+    def shown() -> str | None:
+        for button in driver.find_elements(By.XPATH, "//button[normalize-space()='Skip']"):
+            button.click()
+        text = driver.find_element(By.TAG_NAME, "body").text
+        return text if all(w in text for w in wanted) else None
+
+    return dev.wait_for(f"{path} to show {wanted}", shown, timeout, every=1.0)
+
+
+def test_browser_shows_asset_graph_and_partition_health(dev, browser, tiny_sample, tmp_path_factory):
+    import re
+
+    shots = Path(tmp_path_factory.mktemp("screenshots"))
+    page_text_when(browser, dev, "/asset-groups", ["Global asset lineage", "ingest", "embed", "search"])
+    browser.save_screenshot(str(shots / "asset_graph.png"))
+
+    text = page_text_when(browser, dev, f"/locations/{LOCATION}/asset-groups/ingest",
+                          ["sentinel2_tiles", "chips", "Asset checks"])
+    assert "Passed" in text, text[:2000]
+    browser.save_screenshot(str(shots / "ingest_group.png"))
+
+    text = page_text_when(browser, dev, "/assets/chips?view=partitions", ["Materialized ("])
+    materialized = int(re.search(r"Materialized \((\d+)\)", text).group(1))
+    failed = int(re.search(r"Failed \((\d+)\)", text).group(1))
+    assert materialized >= 2 and failed == 0, text[:2000]
+    assert BACKFILL_REGION in text
+    browser.save_screenshot(str(shots / "chips_partitions.png"))
+    for name in ("asset_graph.png", "ingest_group.png", "chips_partitions.png"):
+        assert (shots / name).stat().st_size > 10_000, name
