@@ -270,6 +270,16 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from geofm_assets import definitions
+    from geofm_assets.partitions import REGIONS
+    from geofm_assets.status import collect_status, format_json, format_table
+
+    report = collect_status(_instance(), definitions.defs, sorted(REGIONS), args.region)
+    print(format_json(report) if args.format == "json" else format_table(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="geofm", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -317,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     sq.add_argument("--format", choices=("table", "csv", "json"), default="table")
     sq.add_argument("--max-rows", type=int, default=40)
     sq.set_defaults(func=cmd_sql)
+
+    st = sub.add_parser("status", help="per asset and region: newest date, missing and failed "
+                        "partitions, latest asset-check results (from the instance in DAGSTER_HOME)")
+    st.add_argument("--region", action="append", help="only this region (repeatable; default all)")
+    st.add_argument("--format", choices=("table", "json"), default="table")
+    st.set_defaults(func=cmd_status)
 
     demo = sub.add_parser("demo", help="sample data, dates, and every partition materialized")
     demo.add_argument("--size", default="demo", choices=("tiny", "demo", "bench"))

@@ -11,6 +11,7 @@ from dagster import Definitions, EnvVar
 
 from geofm_assets.assets.chips import chips
 from geofm_assets.assets.embeddings import embeddings
+from geofm_assets.assets.freshness import freshness_checks
 from geofm_assets.assets.tiles import sentinel2_tiles
 from geofm_assets.assets.vector_index import vector_index
 from geofm_assets.paths import lake_root, stac_catalog
@@ -19,6 +20,7 @@ from geofm_assets.resources.encoder import EncoderResource, SubprocessEmbeddingL
 from geofm_assets.resources.lake import LocalLakeResource
 from geofm_assets.resources.stac import StacResource
 from geofm_assets.resources.vector_store import VectorStoreResource
+from geofm_assets.sensors import scene_sensor
 
 
 def local_resources() -> dict[str, Any]:
@@ -72,5 +74,7 @@ ASSETS = [sentinel2_tiles, chips, embeddings, vector_index]
 
 defs = Definitions(
     assets=ASSETS,
+    asset_checks=freshness_checks,
+    sensors=[scene_sensor],
     resources=resources_for(os.environ.get("GEOFM_ENV", "local")),
 )

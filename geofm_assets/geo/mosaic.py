@@ -4,6 +4,11 @@ across MGRS tiles, harmonized to one reflectance scale and written as one multi-
 Memory stays bounded whatever the region's size: the grid is processed in blocks of one chip
 row by at most ``block_chips`` chips, and every source dataset stays open (so GDAL's block
 cache serves the internal tiles that neighbouring blocks share).
+
+Scene COGs may be local files or remote (http(s)://, s3://): reads run inside
+``gdal_env.cog_env``, which for remote hrefs sets GDAL up for COGs over the network (no
+directory listing, merged range requests, byte caches, retries with backoff on 5xx/429,
+unsigned requests to the public bucket).
 """
 
 from __future__ import annotations
@@ -33,13 +38,11 @@ from geofm_assets.bands import (
     SPECTRAL_BAND_NAMES,
     TILE_BAND_NAMES,
 )
+from geofm_assets.geo.gdal_env import cog_env
 from geofm_assets.geo.regions import ChipGrid
 from geofm_assets.geo.scenes import Scene, SceneAsset, local_href
 
 SCL_INDEX = len(SPECTRAL_BAND_NAMES)  # SCL is the last band of a region COG
-# GDAL's block cache: enough for a row of source tiles of a full MGRS tile (11 bands), far
-# below GDAL's default of 5% of RAM, so memory stays flat whatever the region's size.
-GDAL_CACHE_MB = 256
 
 
 class SceneReadError(RuntimeError):
@@ -277,7 +280,8 @@ def write_region_mosaic(
 
     Blocks (one chip row by up to ``block_chips`` chips) are read and composed in ``threads``
     threads, at most ``2 * threads`` in flight, and written in order to an uncompressed tiled
-    scratch file; overviews are built on it and one compressing copy gives the COG.
+    scratch file; overviews are built on it and one compressing copy gives the COG. Sources
+    are read in ``gdal_env.cog_env`` (the remote-COG settings when any href is remote).
     """
     if not scenes:
         raise ValueError("write_region_mosaic needs at least one scene")
@@ -305,7 +309,7 @@ def write_region_mosaic(
     }
     try:
         with (
-            rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB),
+            cog_env(a.href for s in scenes for a in s.assets.values()),
             rasterio.open(scratch, "w", **profile) as dst,
             ThreadPoolExecutor(threads) as pool,
         ):
