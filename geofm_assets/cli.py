@@ -15,6 +15,7 @@ from typing import Any
 
 from geofm_assets import paths
 
+# The per-partition (region x date) ingest and embedding assets: `geofm materialize`'s default.
 MATERIALIZABLE = ("sentinel2_tiles", "chips", "embeddings", "vector_index")
 # Runs still log everything to the instance (the UI shows it); the terminal gets warnings only.
 QUIET_CONSOLE = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
@@ -101,10 +102,12 @@ def materialize_partitions(
                 f"date {d} is not a registered partition date; run `geofm dates add {d}` "
                 "(or `geofm dates sync` for every date in the catalog) first"
             )
-    unknown = [s for s in select if s not in MATERIALIZABLE]
+    by_name = {a.key.to_user_string(): a for a in definitions.ASSETS
+                if partitioning(a) == "region_date"}
+    unknown = [s for s in select if s not in by_name]
     if unknown:
-        raise ValueError(f"cannot select {unknown}; choose from {', '.join(MATERIALIZABLE)}")
-    assets = [a for a in definitions.ASSETS if a.key.to_user_string() in select]
+        raise ValueError(f"cannot select {unknown} per region x date; choose from {', '.join(by_name)}")
+    assets = [by_name[s] for s in select]
     resources = definitions.resources_for(os.environ.get("GEOFM_ENV", "local"))
     rows = []
     for d in dates:
@@ -132,6 +135,91 @@ def materialize_partitions(
     return rows
 
 
+def partitioning(asset) -> str:
+    """``region_date``, ``region`` (a region-level asset over all its dates) or ``none``."""
+    from geofm_assets.partitions import region_date_partitions, region_partitions
+
+    if asset.partitions_def == region_date_partitions:
+        return "region_date"
+    if asset.partitions_def == region_partitions:
+        return "region"
+    if asset.partitions_def is None:
+        return "none"
+    raise ValueError(f"{asset.key.to_user_string()} has a partitioning the CLI does not know")
+
+
+def graph_stages(names: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """The selected assets in stages that can run one after the other: within a stage every asset
+    has the same partitioning (so one run per partition covers them all); a stage starts where the
+    partitioning changes along a dependency (e.g. chips -> change_maps -> landcover_map)."""
+    from geofm_assets import definitions
+
+    graph = definitions.defs.resolve_asset_graph()
+    assets = {a.key: a for a in definitions.ASSETS if a.key.to_user_string() in names}
+    unknown = set(names) - {k.to_user_string() for k in assets}
+    if unknown:
+        raise ValueError(f"unknown assets {sorted(unknown)}; choose from "
+                         f"{', '.join(a.key.to_user_string() for a in definitions.ASSETS)}")
+    level: dict[Any, int] = {}
+    for key in graph.toposorted_asset_keys:
+        if key not in assets:
+            continue
+        kind = partitioning(assets[key])
+        level[key] = max(
+            [level[p] + (partitioning(assets[p]) != kind) for p in graph.get(key).parent_keys
+             if p in level] or [0]
+        )
+    stages: dict[tuple[int, str], list[str]] = {}
+    for key, lv in level.items():
+        stages.setdefault((lv, partitioning(assets[key])), []).append(key.to_user_string())
+    return [(kind, names_) for (_lv, kind), names_ in sorted(stages.items())]
+
+
+def materialize_whole(
+    names: Sequence[str], regions: Sequence[str], instance=None
+) -> list[dict[str, Any]]:
+    """Materialize region-level assets (one run per region) or unpartitioned ones (one run)."""
+    from dagster import materialize
+
+    from geofm_assets import definitions
+
+    instance = instance or _instance()
+    assets = [a for a in definitions.ASSETS if a.key.to_user_string() in names]
+    kinds = {partitioning(a) for a in assets}
+    if kinds - {"region", "none"} or len(kinds) != 1:
+        raise ValueError(f"{list(names)} are not all region-level or all unpartitioned")
+    resources = definitions.resources_for(os.environ.get("GEOFM_ENV", "local"))
+    keys: list[str | None] = list(regions) if kinds == {"region"} else [None]
+    rows = []
+    for key in keys:
+        t0 = time.perf_counter()
+        result = materialize(assets, instance=instance, partition_key=key, resources=resources,
+                             raise_on_error=False, run_config=QUIET_CONSOLE)
+        row: dict[str, Any] = {"region": key, "assets": list(names), "success": result.success,
+                                  "seconds": round(time.perf_counter() - t0, 1)}
+        failed_checks = [e.check_name for e in result.get_asset_check_evaluations() if not e.passed]
+        rows.append(row)
+        print(f"  {'ok ' if result.success else 'FAILED'} {', '.join(names)}"
+              f"{' | ' + key if key else ''} ({row['seconds']} s)"
+              f"{'  failed checks: ' + ', '.join(failed_checks) if failed_checks else ''}", flush=True)
+    return rows
+
+
+def materialize_stages(
+    names: Sequence[str], regions: Sequence[str], dates: Sequence[str], instance=None
+) -> list[dict[str, Any]]:
+    """Materialize ``names`` stage by stage (see ``graph_stages``)."""
+    rows: list[dict[str, Any]] = []
+    for kind, stage in graph_stages(names):
+        how = {"region_date": "per region x date", "region": "per region", "none": "once"}[kind]
+        print(f"-- {', '.join(stage)} ({how})", flush=True)
+        if kind == "region_date":
+            rows += materialize_partitions(regions, dates, stage, instance)
+        else:
+            rows += materialize_whole(stage, regions, instance)
+    return rows
+
+
 def _dates_from_args(args: argparse.Namespace, instance) -> list[str]:
     from geofm_assets.partitions import DATE_PARTITIONS_NAME
 
@@ -154,7 +242,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     if not dates:
         print("no registered dates to materialize: run `geofm dates sync` first", file=sys.stderr)
         return 2
-    rows = materialize_partitions(regions, dates, args.select.split(","), instance)
+    rows = materialize_stages(args.select.split(","), regions, dates, instance)
     return 0 if all(r["success"] for r in rows) else 1
 
 
@@ -174,19 +262,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     instance = _instance()
     dates = [d.isoformat() for d in catalog_dates()]
     regions = sorted(REGIONS)
-    print(f"[3/3] materializing {', '.join(MATERIALIZABLE)} for {len(regions)} regions x "
+    from geofm_assets import definitions
+
+    names = [a.key.to_user_string() for a in definitions.ASSETS]
+    print(f"[3/3] materializing the whole graph ({', '.join(names)}) for {len(regions)} regions x "
           f"{len(dates)} dates on the instance in {paths.dagster_home()}", flush=True)
     t0 = time.perf_counter()
-    rows = materialize_partitions(regions, dates, list(MATERIALIZABLE), instance)
+    rows = materialize_stages(names, regions, dates, instance)
     failed = [r for r in rows if not r["success"]]
-    kept = sum(int(r.get("kept") or 0) for r in rows)
-    dropped = sum(int(r.get("dropped") or 0) for r in rows)
-    vectors = sum(int(r.get("vectors") or 0) for r in rows)
+    partitions = [r for r in rows if "date" in r]
+    kept = sum(int(r.get("kept") or 0) for r in partitions)
+    dropped = sum(int(r.get("dropped") or 0) for r in partitions)
+    vectors = sum(int(r.get("vectors") or 0) for r in partitions)
     lake = paths.lake_root()
     print(
-        f"\n{len(rows) - len(failed)}/{len(rows)} partitions materialized in "
-        f"{time.perf_counter() - t0:.0f} s: {kept} chips kept, {dropped} dropped, "
-        f"{vectors} embeddings.\n"
+        f"\n{len(rows) - len(failed)}/{len(rows)} runs succeeded in "
+        f"{time.perf_counter() - t0:.0f} s: {len(partitions)} region x date partitions, {kept} chips "
+        f"kept, {dropped} dropped, {vectors} embeddings; then the region-level assets.\n"
         f"Outputs (hive-style, DuckDB reads them directly):\n"
         f"  {lake}/sentinel2_tiles/region=*/date=*/mosaic.tif   region mosaics (COG)\n"
         f"  {lake}/chips/region=*/date=*/chips.parquet          chip tables (GeoParquet)\n"
@@ -194,9 +286,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"  {lake}/chips/region=*/date=*/thumbnails/*.png       RGB thumbnails\n"
         f"  {lake}/embeddings/region=*/date=*/*.parquet         embeddings (GeoParquet)\n"
         f"  {lake}/vector_index/                                 the FAISS vector index\n"
-        f"Try: .venv/bin/python -c \"import duckdb; print(duckdb.sql(\\\"SELECT region, "
-        f"count(*) FROM '{lake}/chips/region=*/date=*/*.parquet' GROUP BY region\\\"))\"\n"
-        f"Open the UI: make ui  (then http://127.0.0.1:3000, Catalog -> chips -> Partitions)"
+        f"  {lake}/embedding_projections/region=*/             PCA + t-SNE table and plot\n"
+        f"  {lake}/similarity_metrics/region=*/                cosine to baseline / previous date\n"
+        f"  {lake}/change_maps/region=*/                       change map: GeoJSON, COG, PNG, plots\n"
+        f"Try: .venv/bin/geofm sql \"SELECT region, count(*) FILTER (changed) AS changed, count(*) "
+        f"AS chips FROM change_maps GROUP BY region\"\n"
+        f"Health: .venv/bin/geofm status\n"
+        f"Open the UI: make ui  (then http://127.0.0.1:3000, Catalog -> change_maps)"
     )
     example = next((r for r in rows if r.get("vectors")), None)
     if example is not None:

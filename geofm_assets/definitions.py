@@ -7,11 +7,20 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from dagster import Definitions, EnvVar
+from dagster import (
+    AssetSelection,
+    AutomationConditionSensorDefinition,
+    DefaultSensorStatus,
+    Definitions,
+    EnvVar,
+)
 
+from geofm_assets.assets.change_maps import change_maps
 from geofm_assets.assets.chips import chips
 from geofm_assets.assets.embeddings import embeddings
 from geofm_assets.assets.freshness import freshness_checks
+from geofm_assets.assets.projections import embedding_projections
+from geofm_assets.assets.similarity import similarity_metrics
 from geofm_assets.assets.tiles import sentinel2_tiles
 from geofm_assets.assets.vector_index import vector_index
 from geofm_assets.paths import lake_root, stac_catalog
@@ -70,11 +79,25 @@ def resources_for(env: str) -> dict[str, Any]:
         ) from None
 
 
-ASSETS = [sentinel2_tiles, chips, embeddings, vector_index]
+ASSETS = [
+    sentinel2_tiles, chips, embeddings, vector_index,
+    embedding_projections, similarity_metrics, change_maps,
+]
+
+# Declarative automation (embeddings and the index after chips, region-level assets after any new
+# date of their region) evaluated by the daemon every 30 s; on from the start, so scenes the
+# sensor brings in flow through the whole graph.
+automation_sensor = AutomationConditionSensorDefinition(
+    "geofm_automation",
+    target=AssetSelection.all(),
+    default_status=DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+    description="Materializes what the assets' automation conditions ask for.",
+)
 
 defs = Definitions(
     assets=ASSETS,
     asset_checks=freshness_checks,
-    sensors=[scene_sensor],
+    sensors=[scene_sensor, automation_sensor],
     resources=resources_for(os.environ.get("GEOFM_ENV", "local")),
 )

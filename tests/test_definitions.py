@@ -1,7 +1,9 @@
 from dagster import AssetKey, Definitions
 
 from geofm_assets.definitions import defs, resources_for
-from geofm_assets.partitions import region_date_partitions
+from geofm_assets.partitions import region_date_partitions, region_partitions
+
+REGION_LEVEL = {AssetKey("embedding_projections"), AssetKey("similarity_metrics"), AssetKey("change_maps")}
 
 
 def test_defs_load_and_validate():
@@ -11,7 +13,10 @@ def test_defs_load_and_validate():
     graph = defs.resolve_asset_graph()
     assert AssetKey("sentinel2_tiles") in graph.get(AssetKey("chips")).parent_keys
     for key in keys:
-        assert graph.get(key).partitions_def == region_date_partitions
+        expected = region_partitions if key in REGION_LEVEL else region_date_partitions
+        assert graph.get(key).partitions_def == expected, key
+        assert graph.get(key).automation_condition is not None or key.path[0] in (
+            "sentinel2_tiles", "chips"), f"{key} does not follow its upstream declaratively"
         assert graph.get(key).check_keys, f"{key} has no asset check"
 
 
@@ -25,3 +30,11 @@ def test_unknown_environment_is_refused():
 
     with pytest.raises(ValueError, match=r"GEOFM_ENV='moon'.*local"):
         resources_for("moon")
+
+
+def test_automation_is_declared_and_on_by_default():
+    from dagster import DefaultSensorStatus
+
+    sensors = {s.name: s for s in defs.sensors}
+    assert sensors["geofm_automation"].default_status == DefaultSensorStatus.RUNNING
+    assert sensors["scene_sensor"].default_status == DefaultSensorStatus.STOPPED

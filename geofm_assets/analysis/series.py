@@ -133,3 +133,74 @@ def load_region_series(lake_root: Path, region: str, dates: list[str] | None = N
 
 def as_dates(values: np.ndarray) -> list[dt.date]:
     return [d.item() for d in values.astype("datetime64[D]")]
+
+
+# --- Spatial features: a grid of cells inside each chip -----------------------------------------
+SPATIAL_FILE = "spatial.npy"  # the embedding worker's file names (geofm_assets.workers.embed)
+SPATIAL_VALID_FILE = "spatial_valid.npy"
+
+
+@dataclass(frozen=True, eq=False)
+class SpatialPartition:
+    """One date's cell features, rows in the embeddings table's order (memory-mapped)."""
+
+    date: np.datetime64  # [D]
+    chip_ids: np.ndarray  # [n] str
+    features: np.ndarray  # [n g g D] float16, memory-mapped
+    clear: np.ndarray  # [n g g] float16: clear-pixel fraction of each cell
+
+
+@dataclass(frozen=True, eq=False)
+class RegionSpatial:
+    """A region's cell features over its dates (``load_region_spatial``)."""
+
+    region: str
+    grid: int  # g: cells per chip side (0 when no partition has spatial features)
+    dim: int
+    partitions: list[SpatialPartition]  # sorted by date
+    missing: list[str]  # dates with an embeddings table but no spatial features
+
+    @property
+    def n_cells(self) -> int:
+        return self.grid * self.grid
+
+
+def load_region_spatial(lake_root: Path, region: str, dates: list[str] | None = None) -> RegionSpatial:
+    """The ``spatial.npy`` / ``spatial_valid.npy`` files of every ``embeddings`` partition of
+    ``region`` (or only ``dates``), memory-mapped, with the dates that have a table but no
+    spatial features listed in ``missing`` (the caller decides whether that is an error).
+
+    All partitions must share one grid and width."""
+    base = embeddings_dir(lake_root, region)
+    wanted = None if dates is None else {checked_date(d).isoformat() for d in dates}
+    parts: list[SpatialPartition] = []
+    missing: list[str] = []
+    shapes: set[tuple[int, int]] = set()
+    for part in sorted(base.glob("date=*")) if base.exists() else []:
+        day = part.name.removeprefix("date=")
+        if (wanted is not None and day not in wanted) or not (part / EMBEDDINGS_TABLE).exists():
+            continue
+        table = pq.read_table(part / EMBEDDINGS_TABLE, columns=["chip_id"])
+        if not (part / SPATIAL_FILE).exists() or not (part / SPATIAL_VALID_FILE).exists():
+            missing.append(day)
+            continue
+        features = np.load(part / SPATIAL_FILE, mmap_mode="r")  # [n g g D]
+        clear = np.load(part / SPATIAL_VALID_FILE)  # [n g g]
+        n = table.num_rows
+        if features.ndim != 4 or features.shape[0] != n or clear.shape != features.shape[:3]:
+            raise SeriesError(
+                f"{part}: {SPATIAL_FILE} {features.shape} / {SPATIAL_VALID_FILE} {clear.shape} do not "
+                f"match the table's {n} rows as [N g g D] / [N g g]: materialize these embeddings again"
+            )
+        shapes.add((int(features.shape[1]), int(features.shape[3])))
+        parts.append(SpatialPartition(
+            np.datetime64(day, "D"), np.asarray(table.column("chip_id").to_pylist(), dtype=object),
+            features, clear,
+        ))
+    if len(shapes) > 1:
+        raise SeriesError(
+            f"region {region!r} has spatial features of different (grid, dim) {sorted(shapes)}: "
+            "materialize its embeddings again with one spatial_grid"
+        )
+    grid, dim = next(iter(shapes)) if shapes else (0, 0)
+    return RegionSpatial(region, grid, dim, parts, missing)

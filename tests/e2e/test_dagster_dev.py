@@ -5,6 +5,7 @@ over a copy of the tiny sample. Stopped at the end whatever happens."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,23 +16,86 @@ from dagster_dev_server import LOCATION, REPOSITORY, DagsterDev, dagster_dev
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 REPO_SELECTOR = {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY}
-BACKFILL_REGION = "candeias"
+REGION = "candeias"
 PER_PARTITION = ["sentinel2_tiles", "chips", "embeddings", "vector_index"]
 DONE = {"COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"}
+RUN_DONE = {"SUCCESS", "FAILURE", "CANCELED"}
 
 
 @pytest.fixture(scope="module")
 def dev(tiny_sample, tmp_path_factory) -> Iterator[DagsterDev]:
+    """dagster dev over a copy of the tiny sample, restricted to one region (candeias, 6 chips)
+    so the sensor's runs stay few."""
     root = tmp_path_factory.mktemp("e2e")
     sample = root / "sample"
     shutil.copytree(tiny_sample.root, sample)
+    regions = json.loads(tiny_sample.regions_path.read_text())
+    regions["features"] = [f for f in regions["features"] if f["properties"]["name"] == REGION]
+    (root / "regions.geojson").write_text(json.dumps(regions))
     env = {
         "GEOFM_STAC_CATALOG": str(sample / tiny_sample.catalog_path.relative_to(tiny_sample.root)),
+        "GEOFM_REGIONS_FILE": str(root / "regions.geojson"),
         "GEOFM_LAKE_ROOT": str(root / "lake"),
         "GEOFM_ENV": "local",
     }
     with dagster_dev(root / "dagster_home", env) as server:
         yield server
+
+
+def runs_with_tag(dev: DagsterDev, key: str, value: str) -> list[dict]:
+    data = dev.graphql(
+        "query($f: RunsFilter) { runsOrError(filter: $f) { ... on Runs { results { runId status "
+        "tags { key value } } } } }", {"f": {"tags": [{"key": key, "value": value}]}})
+    return data["runsOrError"]["results"]
+
+
+def sensor_state(dev: DagsterDev, name: str) -> dict:
+    data = dev.graphql(
+        "query($s: SensorSelector!) { sensorOrError(sensorSelector: $s) { __typename ... on Sensor { "
+        "sensorState { status ticks(limit: 5) { status skipReason error { message } } } } } }",
+        {"s": {**REPO_SELECTOR, "sensorName": name}})
+    return data["sensorOrError"]
+
+
+def start_sensor(dev: DagsterDev, name: str) -> None:
+    data = dev.graphql(
+        "mutation($s: SensorSelector!) { startSensor(sensorSelector: $s) { __typename "
+        "... on PythonError { message } } }", {"s": {**REPO_SELECTOR, "sensorName": name}})
+    assert data["startSensor"]["__typename"] == "Sensor", data
+
+
+def stop_sensor(dev: DagsterDev, name: str) -> None:
+    state = dev.graphql(
+        "query($s: SensorSelector!) { sensorOrError(sensorSelector: $s) { ... on Sensor { "
+        "sensorState { id selectorId } } } }", {"s": {**REPO_SELECTOR, "sensorName": name}})
+    ids = state["sensorOrError"]["sensorState"]
+    dev.graphql("mutation($id: String!, $sid: String!) { stopSensor(id: $id, jobSelectorId: $sid) "
+                "{ __typename } }", {"id": ids["id"], "sid": ids["selectorId"]})
+
+
+def test_scene_sensor_registers_dates_and_runs_them_then_automation_embeds(dev, tiny_sample):
+    start_sensor(dev, "scene_sensor")
+
+    def sensor_runs_done() -> list[dict] | None:
+        runs = runs_with_tag(dev, "dagster/sensor_name", "scene_sensor")
+        return runs if runs and all(r["status"] in RUN_DONE for r in runs) else None
+
+    runs = dev.wait_for("the sensor's runs", sensor_runs_done, 420, every=3)
+    stop_sensor(dev, "scene_sensor")
+    assert all(r["status"] == "SUCCESS" for r in runs), (runs, dev.log_tail())
+    keys = {t["value"] for r in runs for t in r["tags"] if t["key"] == "dagster/partition"}
+    # every date of the tiny sample except the overcast one (98.5% cloud > the 80% default limit)
+    clear = [d.isoformat() for d, c in zip(tiny_sample.dates, (0.04, 0.06, 0.985, 0.03, 0.08, 0.10),
+                                           strict=True) if c < 0.8]
+    assert keys == {f"{d}|{REGION}" for d in clear}, keys
+    assert keys <= materialized_partitions(dev, "chips")
+    ticks = sensor_state(dev, "scene_sensor")["sensorState"]["ticks"]
+    assert not any(t["error"] for t in ticks), ticks
+
+    # embeddings and the vector index follow chips declaratively (the daemon's automation sensor)
+    dev.wait_for("automation to embed and index the sensor's partitions",
+                 lambda: keys <= materialized_partitions(dev, "vector_index"), 420, every=5)
+    assert keys <= materialized_partitions(dev, "embeddings")
 
 
 def backfill_status(dev: DagsterDev, backfill_id: str) -> dict:
@@ -63,7 +127,7 @@ def add_dates(dev: DagsterDev, dates: list[str]) -> None:
 def test_backfill_of_a_region_date_range_succeeds_with_lineage_and_checks(dev, tiny_sample):
     dates = [d.isoformat() for d in tiny_sample.dates[1:3]]
     add_dates(dev, dates)
-    keys = [f"{d}|{BACKFILL_REGION}" for d in dates]
+    keys = [f"{d}|{REGION}" for d in dates]
     data = dev.graphql(
         "mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) { "
         "__typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } "
@@ -108,8 +172,8 @@ def test_backfill_of_a_region_date_range_succeeds_with_lineage_and_checks(dev, t
 
     lake = Path(dev.home).parent / "lake"
     for d in dates:
-        assert (lake / f"chips/region={BACKFILL_REGION}/date={d}/chips.parquet").exists()
-        assert (lake / f"embeddings/region={BACKFILL_REGION}/date={d}/embeddings.parquet").exists()
+        assert (lake / f"chips/region={REGION}/date={d}/chips.parquet").exists()
+        assert (lake / f"embeddings/region={REGION}/date={d}/embeddings.parquet").exists()
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -168,7 +232,7 @@ def test_browser_shows_asset_graph_and_partition_health(dev, browser, tiny_sampl
     materialized = int(re.search(r"Materialized \((\d+)\)", text).group(1))
     failed = int(re.search(r"Failed \((\d+)\)", text).group(1))
     assert materialized >= 2 and failed == 0, text[:2000]
-    assert BACKFILL_REGION in text
+    assert REGION in text
     browser.save_screenshot(str(shots / "chips_partitions.png"))
     for name in ("asset_graph.png", "ingest_group.png", "chips_partitions.png"):
         assert (shots / name).stat().st_size > 10_000, name
