@@ -19,6 +19,7 @@ from geofm_assets.assets.change_maps import change_maps
 from geofm_assets.assets.chips import chips
 from geofm_assets.assets.embeddings import embeddings
 from geofm_assets.assets.freshness import freshness_checks
+from geofm_assets.assets.heads import HEAD_ASSETS
 from geofm_assets.assets.projections import embedding_projections
 from geofm_assets.assets.similarity import similarity_metrics
 from geofm_assets.assets.tiles import sentinel2_tiles
@@ -82,6 +83,7 @@ def resources_for(env: str) -> dict[str, Any]:
 ASSETS = [
     sentinel2_tiles, chips, embeddings, vector_index,
     embedding_projections, similarity_metrics, change_maps,
+    *HEAD_ASSETS,
 ]
 
 # Declarative automation (embeddings and the index after chips, region-level assets after any new

@@ -24,6 +24,9 @@ chip's own statistics and draws its filters from a seed. Two blocks:
 Features: ``[relu(t - b), relu(-t - b)]`` texture means over at most ``max_positions`` patches
 (a regular grid), then ``spectral_weight * [relu(s - c), relu(-s - c)]``: ``dim`` in all.
 The thresholds b ~ U(0, 0.3) and c ~ U(-1, 1) are drawn from the seed with the filters.
+
+``feature_map`` keeps the same features before their spatial mean, pooled to a 32 x 32 grid
+(as Clay's patch tokens are laid out), for the segmentation decoder in ``geofm_assets.heads``.
 """
 
 from __future__ import annotations
@@ -113,17 +116,23 @@ class RCFEncoder(Encoder):
             )
         return self._filters[n_bands]
 
-    def embed_datacube(self, datacube: Datacube) -> np.ndarray:
+    def _checked_pixels(self, datacube: Datacube) -> np.ndarray:
+        """The datacube's pixels [B C H W], after checking that rcf can take them."""
         pixels = np.asarray(datacube["pixels"])
         if pixels.ndim != 4:
             raise EncoderError(f"rcf expects pixels [B C H W], got shape {pixels.shape}")
-        b, c, h, w = pixels.shape
+        _, c, h, w = pixels.shape
         if c < 1 or min(h, w) < self.patch_size:
             raise EncoderError(
                 f"rcf needs at least one band and chips of at least {self.patch_size} px, "
                 f"got shape {pixels.shape}")
         if not np.isfinite(pixels).all():
             raise EncoderError("rcf input pixels contain NaN or infinite values")
+        return pixels
+
+    def embed_datacube(self, datacube: Datacube) -> np.ndarray:
+        pixels = self._checked_pixels(datacube)
+        b = pixels.shape[0]
         x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
         out = np.empty((b, self.dim), np.float32)
         with torch.inference_mode():
@@ -135,7 +144,29 @@ class RCFEncoder(Encoder):
         """[C H W] z-scored float32 -> [dim] float32."""
         c, h, w = chip.shape
         p = self.patch_size
-        texture, texture_bias, spectral, spectral_bias = self.filters(c)
+        _, texture_bias, spectral, spectral_bias = self.filters(c)
+        centred64, weights, _, offsets = self.whitened_filters(chip)
+
+        # Texture: responses w_k . (x - mean) on a regular grid, patches as columns.
+        stride = grid_stride(h, w, p, self.max_positions)
+        columns = F.unfold(centred64.float()[None], p, stride=stride)[0]  # [C*p*p N']
+        texture_features = threshold_means(
+            weights.float(), columns, (offsets + texture_bias).float(), (offsets - texture_bias).float())
+        # Spectral: 1x1 responses s_k . x over all (pooled) pixels.
+        pool = self.spectral_pool if min(h, w) >= self.spectral_pool else 1
+        pooled = F.avg_pool2d(chip[None], pool)[0] if pool > 1 else chip  # [C H/pool W/pool]
+        spectral_features = threshold_means(
+            spectral, pooled.flatten(1), spectral_bias, -spectral_bias)
+        return torch.cat([texture_features.flatten(), self.spectral_weight * spectral_features.flatten()])
+
+    def whitened_filters(
+        self, chip: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The chip's texture filters folded with its ZCA transform: (band-centred chip [C H W]
+        float64, filters [Kt C*p*p] float64, mean patch [C*p*p], offsets [Kt] = filters @ mean)."""
+        c, h, w = chip.shape
+        p = self.patch_size
+        texture = self.filters(c)[0]
 
         # The chip's patch covariance (float64), from at most MAX_COVARIANCE_PATCHES patches on
         # a regular grid; band means removed first so that responses stay O(1) in float32.
@@ -154,18 +185,47 @@ class RCFEncoder(Encoder):
         zca = (u * gain) @ u.T  # [C*p*p C*p*p], symmetric
         weights = texture @ zca  # [Kt C*p*p]: filter k applied to a whitened patch
         offsets = weights @ mean  # [Kt]: centring on the chip's mean patch
+        return centred64, weights, mean, offsets
 
-        # Texture: responses w_k . (x - mean) on a regular grid, patches as columns.
-        stride = grid_stride(h, w, p, self.max_positions)
-        columns = F.unfold(centred64.float()[None], p, stride=stride)[0]  # [C*p*p N']
-        texture_features = threshold_means(
-            weights.float(), columns, (offsets + texture_bias).float(), (offsets - texture_bias).float())
-        # Spectral: 1x1 responses s_k . x over all (pooled) pixels.
+    def feature_map(self, datacube: Datacube, grid: int = 32, stride: int = 2) -> np.ndarray:
+        """[B dim grid grid] float32: the embedding's features before their spatial mean, pooled
+        to a ``grid`` x ``grid`` map (8 x 8 pixels a cell for a 256 px chip, the layout of Clay's
+        patch tokens), for decoders that need to know where things are. Channels are in the
+        embedding's order, and a cell's values are the same thresholded responses the embedding
+        averages over the chip (texture responses taken every ``stride`` pixels, spectra over
+        ``spectral_pool`` pixels), so the map's mean over cells approximates the embedding."""
+        pixels = self._checked_pixels(datacube)
+        b, _, h, w = pixels.shape
+        if grid < 1 or h % grid or w % grid:
+            raise EncoderError(f"rcf feature map: chip size {h} x {w} is not a multiple of grid {grid}")
+        if stride < 1:
+            raise EncoderError(f"rcf feature map stride must be positive, got {stride}")
+        x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
+        out = np.empty((b, self.dim, grid, grid), np.float32)
+        with torch.inference_mode():
+            for i in range(b):  # per chip, as embed_datacube: each chip whitened alone
+                out[i] = self.chip_feature_map(x[i], grid, stride).numpy()
+        return out
+
+    def chip_feature_map(self, chip: torch.Tensor, grid: int, stride: int) -> torch.Tensor:
+        """[C H W] z-scored float32 -> [dim grid grid] float32 (see ``feature_map``)."""
+        c, h, w = chip.shape
+        p = self.patch_size
+        _, texture_bias, spectral, spectral_bias = self.filters(c)
+        centred64, weights, _, offsets = self.whitened_filters(chip)
+        kernels = weights.float().reshape(-1, c, p, p)  # [Kt C p p], unfold's (C, p, p) order
+        responses = F.conv2d(centred64.float()[None], kernels, stride=stride, padding=p // 2)[0]  # [Kt h' w']
+        upper = (offsets + texture_bias).float()[:, None, None]
+        lower = (offsets - texture_bias).float()[:, None, None]
+        texture_maps = torch.cat([torch.relu(responses - upper), torch.relu(lower - responses)])  # [2Kt h w]
+        texture_grid = F.adaptive_avg_pool2d(texture_maps[None], grid)[0]  # [2Kt grid grid]
         pool = self.spectral_pool if min(h, w) >= self.spectral_pool else 1
         pooled = F.avg_pool2d(chip[None], pool)[0] if pool > 1 else chip  # [C H/pool W/pool]
-        spectral_features = threshold_means(
-            spectral, pooled.flatten(1), spectral_bias, -spectral_bias)
-        return torch.cat([texture_features.flatten(), self.spectral_weight * spectral_features.flatten()])
+        s = torch.einsum("kc,chw->khw", spectral, pooled)  # [Ks H/pool W/pool]
+        bias = spectral_bias[:, None, None]
+        spectral_maps = torch.cat([torch.relu(s - bias), torch.relu(-bias - s)])  # [2Ks H/pool W/pool]
+        spectral_grid = F.adaptive_avg_pool2d(spectral_maps[None], grid)[0]  # [2Ks grid grid]
+        return torch.cat([texture_grid, self.spectral_weight * spectral_grid])
 
 
 def threshold_means(
