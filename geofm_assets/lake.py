@@ -97,6 +97,19 @@ def swap_directory(final: Path) -> Iterator[Path]:
         os.rename(final, replaced)
     os.rename(staging, final)
     shutil.rmtree(replaced, ignore_errors=True)
+    remove_abandoned(final)
+
+
+def remove_abandoned(final: Path) -> list[Path]:
+    """Remove what writers of ``final`` that were killed mid-write left beside it (their staging
+    directories, or a previous version a killed swap had moved aside). Readers never see these:
+    they are hidden names outside the hive layout. Called after a successful write of ``final``."""
+    removed = []
+    for pattern in (f".staging-{final.name}-*", f".replaced-{final.name}-*"):
+        for leftover in final.parent.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
+            removed.append(leftover)
+    return removed
 
 
 # Tables DuckDB exposes as views, one per asset: (view, glob under the lake root).

@@ -5,6 +5,7 @@ over a copy of the tiny sample. Stopped at the end whatever happens."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import shutil
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ REGION = "candeias"
 PER_PARTITION = ["sentinel2_tiles", "chips", "embeddings", "vector_index"]
 DONE = {"COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"}
 RUN_DONE = {"SUCCESS", "FAILURE", "CANCELED"}
+SENSOR_KEYS: set[str] = set()  # what the sensor test's runs materialized
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +39,8 @@ def dev(tiny_sample, tmp_path_factory) -> Iterator[DagsterDev]:
         "GEOFM_REGIONS_FILE": str(root / "regions.geojson"),
         "GEOFM_LAKE_ROOT": str(root / "lake"),
         "GEOFM_ENV": "local",
+        # two region x date runs a tick: enough to show the sensor, automation and a re-run
+        "GEOFM_SENSOR_MAX_RUNS_PER_TICK": "2",
     }
     with dagster_dev(root / "dagster_home", env) as server:
         yield server
@@ -87,7 +91,8 @@ def test_scene_sensor_registers_dates_and_runs_them_then_automation_embeds(dev, 
     # every date of the tiny sample except the overcast one (98.5% cloud > the 80% default limit)
     clear = [d.isoformat() for d, c in zip(tiny_sample.dates, (0.04, 0.06, 0.985, 0.03, 0.08, 0.10),
                                            strict=True) if c < 0.8]
-    assert keys == {f"{d}|{REGION}" for d in clear}, keys
+    assert len(keys) == 2 and keys <= {f"{d}|{REGION}" for d in clear}, keys  # 2 runs a tick
+    SENSOR_KEYS.update(keys)
     assert keys <= materialized_partitions(dev, "chips")
     ticks = sensor_state(dev, "scene_sensor")["sensorState"]["ticks"]
     assert not any(t["error"] for t in ticks), ticks
@@ -125,13 +130,15 @@ def add_dates(dev: DagsterDev, dates: list[str]) -> None:
 
 
 def test_backfill_of_a_region_date_range_succeeds_with_lineage_and_checks(dev, tiny_sample):
-    dates = [d.isoformat() for d in tiny_sample.dates[1:3]]
+    # a date the sensor already did (re-running it must duplicate nothing) and the overcast date
+    done = sorted(k.split("|")[0] for k in SENSOR_KEYS) or [tiny_sample.dates[1].isoformat()]
+    dates = [done[-1], tiny_sample.dates[2].isoformat()]
     add_dates(dev, dates)
     keys = [f"{d}|{REGION}" for d in dates]
     data = dev.graphql(
         "mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) { "
         "__typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } "
-        "... on InvalidSubsetError { message } ... on UnauthorizedError { message } } }",
+        "... on PartitionKeysNotFoundError { message } ... on UnauthorizedError { message } } }",
         {"p": {"partitionNames": keys, "assetSelection": [{"path": [a]} for a in PER_PARTITION],
                "title": "e2e backfill"}})
     launched = data["launchPartitionBackfill"]
@@ -153,7 +160,9 @@ def test_backfill_of_a_region_date_range_succeeds_with_lineage_and_checks(dev, t
     assert upstream["embeddings"] == {"chips"}
     assert upstream["vector_index"] == {"embeddings"}
 
-    # checks: every check of the backfilled assets ran for each backfilled partition and passed
+    # checks: every check of the backfilled assets ran in the backfill's runs and passed
+    run_ids = {r["runId"] for r in runs_with_tag(dev, "dagster/backfill", backfill_id)}
+    assert run_ids
     for asset in PER_PARTITION:
         data = dev.graphql(
             "query($k: AssetKeyInput!) { assetNodeOrError(assetKey: $k) { ... on AssetNode { "
@@ -161,16 +170,29 @@ def test_backfill_of_a_region_date_range_succeeds_with_lineage_and_checks(dev, t
         checks = [c["name"] for c in data["assetNodeOrError"]["assetChecksOrError"]["checks"]]
         assert checks, f"{asset} has no asset checks"
         for check in checks:
-            if check == "chips_freshness":  # region-wide, not run per partition
+            if check == "chips_up_to_date":  # region-wide freshness, not run per partition
                 continue
-            for key in keys:
-                runs = dev.graphql(
-                    "query($k: AssetKeyInput!, $c: String!, $p: String) { assetCheckExecutions("
-                    "assetKey: $k, checkName: $c, partition: $p, limit: 5) { status } }",
-                    {"k": {"path": [asset]}, "c": check, "p": key})["assetCheckExecutions"]
-                assert runs and runs[0]["status"] == "SUCCEEDED", (asset, check, key, runs)
+            executions = dev.graphql(
+                "query($k: AssetKeyInput!, $c: String!) { assetCheckExecutions("
+                "assetKey: $k, checkName: $c, limit: 50) { status runId } }",
+                {"k": {"path": [asset]}, "c": check})["assetCheckExecutions"]
+            ours = [e["status"] for e in executions if e["runId"] in run_ids]
+            assert len(ours) == len(keys) and set(ours) == {"SUCCEEDED"}, (asset, check, ours)
+
+    # dates[0] was already done by the sensor's run: doing it again duplicated nothing
+    import duckdb
+
+    from geofm_assets.search.faiss_store import FaissStore
 
     lake = Path(dev.home).parent / "lake"
+    day = dates[0]
+    counts = {t: duckdb.sql(
+        f"SELECT count(*), count(DISTINCT chip_id) FROM '{lake}/{t}/region={REGION}/date={day}/*.parquet'"
+    ).fetchall()[0] for t in ("chips", "embeddings")}
+    assert counts["chips"][0] == counts["chips"][1] == counts["embeddings"][0] == counts["embeddings"][1] > 0
+    store = FaissStore(lake / "vector_index")
+    assert store.count("rcf", REGION, dt.date.fromisoformat(day)) == counts["chips"][0]
+
     for d in dates:
         assert (lake / f"chips/region={REGION}/date={d}/chips.parquet").exists()
         assert (lake / f"embeddings/region={REGION}/date={d}/embeddings.parquet").exists()
@@ -200,7 +222,8 @@ def browser():
         driver.quit()
 
 
-def page_text_when(driver, dev: DagsterDev, path: str, wanted: list[str], timeout: float = 90) -> str:
+def page_text_when(driver, dev: DagsterDev, path: str, wanted: list[str], timeout: float = 90,
+                   ready=lambda _text: True) -> str:
     """Open ``path`` and wait until the page shows every string in ``wanted`` (dismissing the
     webserver's first-visit newsletter dialog)."""
     from selenium.webdriver.common.by import By
@@ -211,7 +234,7 @@ def page_text_when(driver, dev: DagsterDev, path: str, wanted: list[str], timeou
         for button in driver.find_elements(By.XPATH, "//button[normalize-space()='Skip']"):
             button.click()
         text = driver.find_element(By.TAG_NAME, "body").text
-        return text if all(w in text for w in wanted) else None
+        return text if all(w in text for w in wanted) and ready(text) else None
 
     return dev.wait_for(f"{path} to show {wanted}", shown, timeout, every=1.0)
 
@@ -223,12 +246,13 @@ def test_browser_shows_asset_graph_and_partition_health(dev, browser, tiny_sampl
     page_text_when(browser, dev, "/asset-groups", ["Global asset lineage", "ingest", "embed", "search"])
     browser.save_screenshot(str(shots / "asset_graph.png"))
 
-    text = page_text_when(browser, dev, f"/locations/{LOCATION}/asset-groups/ingest",
-                          ["sentinel2_tiles", "chips", "Asset checks"])
-    assert "Passed" in text, text[:2000]
+    # the group's asset cards once their health has loaded: checks passed, partitions filled
+    page_text_when(browser, dev, f"/locations/{LOCATION}/asset-groups/ingest",
+                   ["sentinel2_tiles", "chips", "Passed", "filled"])
     browser.save_screenshot(str(shots / "ingest_group.png"))
 
-    text = page_text_when(browser, dev, "/assets/chips?view=partitions", ["Materialized ("])
+    text = page_text_when(browser, dev, "/assets/chips?view=partitions", ["Materialized (", REGION],
+                          ready=lambda t: re.search(r"Materialized \(([1-9]\d*)\)", t) is not None)
     materialized = int(re.search(r"Materialized \((\d+)\)", text).group(1))
     failed = int(re.search(r"Failed \((\d+)\)", text).group(1))
     assert materialized >= 2 and failed == 0, text[:2000]
@@ -236,3 +260,17 @@ def test_browser_shows_asset_graph_and_partition_health(dev, browser, tiny_sampl
     browser.save_screenshot(str(shots / "chips_partitions.png"))
     for name in ("asset_graph.png", "ingest_group.png", "chips_partitions.png"):
         assert (shots / name).stat().st_size > 10_000, name
+
+
+def test_backfill_of_an_unknown_region_is_refused_naming_it(dev, tiny_sample):
+    date = tiny_sample.dates[1].isoformat()
+    data = dev.graphql(
+        "mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) { "
+        "__typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } "
+        "... on PartitionKeysNotFoundError { message partitionKeys } "
+        "} }",
+        {"p": {"partitionNames": [f"{date}|atlantis", f"1999-01-01|{REGION}"],
+               "assetSelection": [{"path": ["chips"]}]}})
+    refused = data["launchPartitionBackfill"]
+    assert refused["__typename"] != "LaunchBackfillSuccess", refused
+    assert "atlantis" in str(refused), refused
