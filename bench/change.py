@@ -15,8 +15,14 @@ of a harmonic-feature transformer and ``Ridge``, fitted on the chip's baseline o
 then ``predict`` over the monitoring period and the RMSE of the baseline fit. The loop is timed
 on the first ``--loop-chips`` chips and extrapolated linearly to all chips (it is a loop of
 independent fits: its time is linear in the chip count); the extrapolation is printed as such.
-The two fits are compared on that subset (largest coefficient difference). Nothing here asserts
-a time; the last line is JSON.
+The two fits are compared on that subset (largest coefficient difference).
+
+Patch level (change_maps' default ``patch_distance`` series): ``--patch-chips`` chips x
+``--cells`` cells x ``--patch-dates`` dates of the same synthetic series, one ``harmonic_changes``
+call over all chip x cell series (as ``detect_patch_harmonic`` makes it), timed and extrapolated
+linearly to ``--patch-target`` chips (printed as such). Reading the cell features and computing
+their distances (``cell_distance_values``) is not part of this timing. Nothing here asserts a
+time; the last line is JSON.
 """
 
 from __future__ import annotations
@@ -101,6 +107,10 @@ def main() -> None:
     ap.add_argument("--dates", type=int, default=100)
     ap.add_argument("--loop-chips", type=int, default=1000)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--patch-chips", type=int, default=1000)
+    ap.add_argument("--cells", type=int, default=256)
+    ap.add_argument("--patch-dates", type=int, default=36)
+    ap.add_argument("--patch-target", type=int, default=10_000)
     args = ap.parse_args()
     params = ChangeParams()
     values, valid, days, in_baseline = synthetic(args.chips, args.dates)
@@ -133,7 +143,17 @@ def main() -> None:
     print(f"ratio loop / vectorized fit:        {loop_all / fit_s:10.0f}x (target >= 300x; fit < 1 s: "
           f"{'yes' if fit_s < 1 else 'no'})")
     print(f"ratio loop / vectorized detection:  {loop_all / detect_s:10.0f}x")
+    n_series = args.patch_chips * args.cells
+    p_values, p_valid, p_days, p_base = synthetic(n_series, args.patch_dates, seed=1)
+    patch_s = best_of(lambda: harmonic_changes(p_values, p_valid, p_days, p_base, params), args.repeat)
+    patch_target_s = patch_s * args.patch_target / args.patch_chips
+    print(f"patch level: {args.patch_chips} chips x {args.cells} cells = {n_series} series x "
+          f"{args.patch_dates} dates, whole detection: {patch_s:8.3f} s -> extrapolated to "
+          f"{args.patch_target} chips: {patch_target_s:.1f} s")
     print(json.dumps({"chips": args.chips, "dates": args.dates, "fit_s": round(fit_s, 4),
+                      "patch_series": n_series, "patch_dates": args.patch_dates,
+                      "patch_detect_s": round(patch_s, 3),
+                      "patch_target_chips": args.patch_target, "patch_target_s": round(patch_target_s, 1),
                       "detect_s": round(detect_s, 4), "loop_chips": n_loop, "loop_s": round(loop_s, 3),
                       "loop_extrapolated_s": round(loop_all, 1), "ratio_fit": round(loop_all / fit_s),
                       "ratio_detect": round(loop_all / detect_s)}))

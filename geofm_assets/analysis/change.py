@@ -38,8 +38,8 @@ import scipy.sparse
 
 from geofm_assets.analysis.series import RegionSeries, RegionSpatial, SpatialPartition
 
-SeriesKind = Literal["baseline_distance", "pca"]
-SERIES_KINDS: tuple[str, ...] = ("baseline_distance", "pca")
+SeriesKind = Literal["patch_distance", "baseline_distance", "pca"]
+SERIES_KINDS: tuple[str, ...] = ("patch_distance", "baseline_distance", "pca")
 STATUS_OK = "ok"
 STATUS_INSUFFICIENT = "insufficient_data"
 PCA_FIT_ROWS = 20000
@@ -55,8 +55,10 @@ class ChangeConfigError(ValueError):
 class ChangeParams:
     """Parameters of the harmonic change detection (defaults are the product's defaults)."""
 
-    series: str = "baseline_distance"
+    series: str = "patch_distance"
     n_components: int = 3  # series "pca" only
+    min_clear: float = 0.9  # patch_distance: a cell observation counts when this fraction is clear
+    min_cells: int = 2  # patch_distance: confirmed cells a chip needs to be changed
     baseline_days: int = 365  # baseline = the region's first date + this many days (exclusive)
     baseline_end: dt.date | None = None  # explicit last baseline date (inclusive), overrides days
     harmonics: int = 2  # 1: annual; 2: annual + semi-annual
@@ -64,6 +66,8 @@ class ChangeParams:
     period_days: float = 365.25
     threshold: float = 3.0  # standardized residual (z) an observation must exceed
     consecutive: int = 3  # k: valid observations in a row over the threshold to confirm
+    persistence: float = 0.5  # of the valid observations after the confirming run, the fraction
+    #                           that must stay over the threshold (a lasting change; 0: off)
     margin: int = 2  # baseline observations needed beyond the model's parameters
     rmse_floor_fraction: float = 0.5  # RMSE floor: this fraction of the region's median RMSE
     screen: float = 4.0  # drop baseline observations beyond this robust z, then refit (0: off)
@@ -75,7 +79,7 @@ class ChangeParams:
                 f"change series {self.series!r} is unknown: choose one of {', '.join(SERIES_KINDS)}"
             )
         for name, low in (("n_components", 1), ("baseline_days", 1), ("harmonics", 0),
-                          ("consecutive", 1), ("margin", 0)):
+                          ("consecutive", 1), ("margin", 0), ("min_cells", 1)):
             if getattr(self, name) < low:
                 raise ChangeConfigError(f"change parameter {name}={getattr(self, name)} must be >= {low}")
         if self.screen < 0:
@@ -83,6 +87,9 @@ class ChangeParams:
         for name in ("threshold", "period_days", "min_rmse"):
             if not getattr(self, name) > 0:
                 raise ChangeConfigError(f"change parameter {name}={getattr(self, name)} must be > 0")
+        for name in ("min_clear", "persistence"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ChangeConfigError(f"change parameter {name}={getattr(self, name)} must be in [0, 1]")
         if not 0 <= self.rmse_floor_fraction <= 1:
             raise ChangeConfigError(
                 f"change parameter rmse_floor_fraction={self.rmse_floor_fraction} must be in [0, 1]"
@@ -109,11 +116,18 @@ class BitemporalParams:
 
     threshold: float = 3.0  # robust z a chip's normalized displacement must exceed
     min_spread: float = 1e-6  # floor of the robust spread (a region of identical chips)
+    patch: bool = True  # score cells (spatial features) and aggregate per chip; False: chip vectors
+    min_clear: float = 0.9  # patch: a cell counts when this fraction is clear on both dates
+    min_cells: int = 2  # patch: the chip's score is its min_cells-th highest cell z
 
     def __post_init__(self) -> None:
         if not self.threshold > 0 or not self.min_spread > 0:
             raise ChangeConfigError(
                 f"bitemporal threshold={self.threshold} and min_spread={self.min_spread} must be > 0"
+            )
+        if not 0 <= self.min_clear <= 1 or self.min_cells < 1:
+            raise ChangeConfigError(
+                f"bitemporal min_clear={self.min_clear} must be in [0, 1] and min_cells={self.min_cells} >= 1"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -210,6 +224,21 @@ def confirmed_runs(score: np.ndarray, valid: np.ndarray, threshold: float, k: in
     return RunStats(changed, start.astype(np.int64), intensity, max_sustained)
 
 
+def persists(score: np.ndarray, valid: np.ndarray, start: np.ndarray, threshold: float, k: int,
+             fraction: float) -> np.ndarray:
+    """``[N]`` bool: whether each row's confirmed run (``start`` >= 0) lasts: of the valid
+    observations after the run's ``k``, at least ``fraction`` are still over ``threshold`` (true
+    when there is none after it yet). A transient departure (smoke, a flood, a wet-season
+    anomaly) comes back; a land-cover change does not. score, valid ``[N T]``; start ``[N]``."""
+    rank = np.cumsum(valid, axis=1) - 1  # [N T] position of each valid observation
+    rows = np.arange(len(start))
+    start_rank = np.where(start >= 0, rank[rows, np.maximum(start, 0)], 0)  # [N]
+    after = valid & (rank >= (start_rank + k)[:, None])  # [N T]
+    n_after = after.sum(axis=1)
+    n_over = (after & (np.nan_to_num(score, nan=-np.inf) > threshold)).sum(axis=1)
+    return (start >= 0) & ((n_after == 0) | (n_over >= fraction * n_after))
+
+
 def wilson_hilferty_z(chi2: np.ndarray, dof: int) -> np.ndarray:
     """The one-sided normal z of a chi-square(``dof``) value (Wilson-Hilferty cube root)."""
     c = 2.0 / (9.0 * dof)
@@ -284,6 +313,23 @@ class SeriesCurves:
 
 
 @dataclass(frozen=True, eq=False)
+class CellResult:
+    """Per-cell outcome of the patch-level modes (N chips, a g x g grid of C = g * g cells,
+    row-major from the chip's north-west corner)."""
+
+    grid: int  # g
+    ok: np.ndarray  # [N C] bool: the cell could be analysed
+    changed: np.ndarray  # [N C] bool: a confirmed (and lasting) change
+    change_date: np.ndarray  # [N C] datetime64[D], NaT when not changed
+    intensity: np.ndarray  # [N C] float: as the chip's intensity, per cell (NaN where not ok)
+
+    @property
+    def n_changed(self) -> np.ndarray:
+        """``[N]`` confirmed cells per chip."""
+        return self.changed.sum(axis=1)
+
+
+@dataclass(frozen=True, eq=False)
 class ChangeResult:
     region: str
     mode: str  # "harmonic" | "bitemporal" | "empty"
@@ -304,6 +350,7 @@ class ChangeResult:
     params: dict[str, Any]
     intensity_definition: str
     curves: SeriesCurves | None = None
+    cells: CellResult | None = None  # patch-level modes only
     empty_reason: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -330,6 +377,17 @@ class ChangeResult:
 HARMONIC_INTENSITY = (
     "mean standardized residual (z) over the k observations of the first confirmed run; for a "
     "chip without a confirmed change, over the k consecutive observations whose minimum z is highest"
+)
+PATCH_INTENSITY = (
+    "per cell: mean standardized residual (z) of the cell's cosine distance to its baseline-mean "
+    "features over the k observations of its first confirmed run (else its best k-window); per "
+    "chip: the mean over its confirmed cells, or for an unchanged chip the min_cells-th highest "
+    "cell value (how close it came)"
+)
+PATCH_BITEMPORAL_INTENSITY = (
+    "per cell: robust z, over all the region's cells clear on both dates, of the length of the "
+    "cell's before->after displacement after removing the region's median cell displacement; "
+    "per chip: the min_cells-th highest cell z"
 )
 BITEMPORAL_INTENSITY = (
     "robust z of the chip's before->after displacement after removing the region's median "
@@ -419,6 +477,11 @@ def harmonic_changes(
     score = z[:, :, 0] if n_k == 1 and one_sided else wilson_hilferty_z((z**2).sum(axis=2), n_k)
     ok = enough & (n_mon >= params.consecutive)
     runs = confirmed_runs(score, mon_mask & ok[:, None], params.threshold, params.consecutive)
+    if params.persistence > 0:
+        lasting = persists(score, mon_mask & ok[:, None], runs.start, params.threshold,
+                           params.consecutive, params.persistence)
+        runs = RunStats(runs.changed & lasting, np.where(lasting, runs.start, -1),
+                        runs.intensity, runs.max_sustained)
     reason = np.full(n, "", dtype=object)
     reason[n_mon < params.consecutive] = (
         f"fewer than consecutive={params.consecutive} monitoring observations"
@@ -547,8 +610,23 @@ def series_values(series: RegionSeries, params: ChangeParams, in_baseline: np.nd
     return series.dense(comps), series.observed(), "principal component"
 
 
-def detect_harmonic(series: RegionSeries, params: ChangeParams | None = None) -> ChangeResult:
-    """Harmonic-regression change detection for every chip of ``series`` (see module doc)."""
+def require_spatial(series: RegionSeries, spatial: RegionSpatial | None) -> RegionSpatial:
+    """``spatial`` when it covers every date of ``series``; else a clear error."""
+    if spatial is None or spatial.grid == 0 or spatial.missing:
+        which = (f"the dates {', '.join(spatial.missing[:5])}{' ...' if len(spatial.missing) > 5 else ''}"
+                 if spatial is not None and spatial.missing else "any date")
+        raise ChangeConfigError(
+            f"change series patch_distance needs the embeddings' spatial features (spatial.npy), which "
+            f"region {series.region!r} lacks for {which}: materialize its embeddings again with the "
+            "encoder resource's spatial_grid > 0 (rcf or clay-*), or choose series baseline_distance"
+        )
+    return spatial
+
+
+def detect_harmonic(series: RegionSeries, params: ChangeParams | None = None,
+                    spatial: RegionSpatial | None = None) -> ChangeResult:
+    """Harmonic-regression change detection for every chip of ``series`` (see module doc);
+    series ``patch_distance`` (the default) needs the region's ``spatial`` features."""
     params = params or ChangeParams()
     info = {"mode": "harmonic", **params.to_dict()}
     if series.n_dates < 2:
@@ -556,6 +634,8 @@ def detect_harmonic(series: RegionSeries, params: ChangeParams | None = None) ->
             series, f"the region has {series.n_dates} date(s) with embeddings; change needs at least 2",
             "empty", info,
         )
+    if params.series == "patch_distance":
+        return detect_patch_harmonic(series, require_spatial(series, spatial), params)
     n = series.n_chips
     end = baseline_end_date(series.dates, params)
     days = series.day_numbers()  # [T]
@@ -585,6 +665,75 @@ def detect_harmonic(series: RegionSeries, params: ChangeParams | None = None) ->
         n_obs=valid.sum(axis=1).astype(np.int64), n_baseline=out.n_baseline,
         n_monitoring=out.n_monitoring, dates=series.dates, baseline_end=end, params=info,
         intensity_definition=HARMONIC_INTENSITY, curves=curves,
+    )
+
+
+def detect_patch_harmonic(series: RegionSeries, spatial: RegionSpatial, params: ChangeParams
+                          ) -> ChangeResult:
+    """Harmonic change per cell (``cell_distance_values``: C series per chip, all the region's
+    chips x cells in one batched fit), aggregated per chip: changed when at least
+    ``min_cells`` cells are confirmed, dated at the earliest confirmed cell (module doc)."""
+    n, n_t, g = series.n_chips, series.n_dates, spatial.grid
+    n_c = g * g
+    info = {"mode": "harmonic", **params.to_dict(), "grid": g}
+    end = baseline_end_date(series.dates, params)
+    days = series.day_numbers()  # [T]
+    in_baseline = series.dates <= np.datetime64(end)  # [T]
+    distance, valid = cell_distance_values(series, spatial, in_baseline, params.min_clear)  # [N C T]
+    out = harmonic_changes(distance.reshape(n * n_c, n_t), valid.reshape(n * n_c, n_t), days,
+                           in_baseline, params, one_sided=True)
+    cell_ok = out.ok.reshape(n, n_c)
+    cell_changed = out.changed.reshape(n, n_c)
+    cell_start = out.start.reshape(n, n_c)
+    cell_intensity = out.intensity.reshape(n, n_c)
+    cell_max = out.max_score.reshape(n, n_c)
+    cell_date = np.full((n, n_c), np.datetime64("NaT"), "datetime64[D]")
+    cell_date[cell_changed] = series.dates[cell_start[cell_changed]]
+
+    n_changed = cell_changed.sum(axis=1)  # [N]
+    chip_ok = cell_ok.any(axis=1)
+    changed = chip_ok & (n_changed >= params.min_cells)
+    first = np.where(cell_changed, cell_start, n_t).min(axis=1)  # [N] earliest confirmed cell
+    change_date = np.full(n, np.datetime64("NaT"), "datetime64[D]")
+    change_date[changed] = series.dates[first[changed]]
+    kth = min(params.min_cells, n_c)
+    # the min_cells-th highest cell value: above the threshold exactly when enough cells are
+    kth_max = -np.sort(-np.where(cell_ok, np.nan_to_num(cell_max, nan=-np.inf), -np.inf), axis=1)[:, kth - 1]
+    kth_int = -np.sort(-np.where(cell_ok, np.nan_to_num(cell_intensity, nan=-np.inf), -np.inf),
+                       axis=1)[:, kth - 1]
+    mean_changed = np.where(cell_changed, cell_intensity, 0.0).sum(axis=1) / np.maximum(n_changed, 1)
+    intensity = np.where(changed, mean_changed, kth_int)
+    intensity = np.where(chip_ok & np.isfinite(intensity), intensity, np.nan)
+    max_score = np.where(chip_ok & np.isfinite(kth_max), kth_max, np.nan)
+
+    # the plotted cell of each chip: its strongest confirmed cell, else the one that came closest
+    rank = np.where(cell_changed, 1e6 + np.nan_to_num(cell_intensity, nan=0.0),
+                    np.where(cell_ok, np.nan_to_num(cell_max, nan=-1e6), -1e7))
+    plotted = rank.argmax(axis=1)  # [N]
+    rows = np.arange(n)
+    flat = rows * n_c + plotted  # [N] rows of the flattened [N*C] series
+    cell_valid = valid[rows, plotted]  # [N T]
+    curves = SeriesCurves(
+        values=np.where(cell_valid, distance[rows, plotted], np.nan), valid=cell_valid,
+        coef=out.coef[flat, 0], sigma=out.sigma[flat, 0], score=out.score[flat], origin=float(days[0]),
+        label="cosine distance of the strongest cell to its baseline mean", params=params,
+    )
+    reason = np.where(chip_ok, "", "no cell with enough clear observations: ").astype(object)
+    reason[~chip_ok] = reason[~chip_ok] + out.reason.reshape(n, n_c)[~chip_ok, 0]
+    observed = series.observed()
+    n_base = (observed & in_baseline[None, :]).sum(axis=1)
+    return ChangeResult(
+        region=series.region, mode="harmonic", chip_ids=series.chip_ids,
+        geometries=list(series.geometries),
+        status=np.where(chip_ok, STATUS_OK, STATUS_INSUFFICIENT).astype(object), reason=reason,
+        changed=changed, change_date=change_date, intensity=intensity, max_score=max_score,
+        sigma=np.where(chip_ok, out.sigma[flat, 0], np.nan),
+        n_obs=observed.sum(axis=1).astype(np.int64), n_baseline=n_base.astype(np.int64),
+        n_monitoring=(observed.sum(axis=1) - n_base).astype(np.int64), dates=series.dates,
+        baseline_end=end, params=info, intensity_definition=PATCH_INTENSITY, curves=curves,
+        cells=CellResult(g, cell_ok, cell_changed, cell_date,
+                         np.where(cell_ok, cell_intensity, np.nan)),
+        extra={"plotted_cell": plotted},
     )
 
 
@@ -618,11 +767,53 @@ def bitemporal_scores(before: np.ndarray, after: np.ndarray, min_spread: float =
     return BitemporalScores((distance - center) / spread, distance, center, spread)
 
 
+def bitemporal_cell_scores(
+    before: np.ndarray, after: np.ndarray, usable: np.ndarray, min_cells: int, min_spread: float = 1e-6
+) -> tuple[np.ndarray, np.ndarray]:
+    """Patch-level two-date scores: (chip score ``[N]``, cell z ``[N C]``), NaN where not usable.
+
+    before, after ``[N C D]`` cell features of the same chips; usable ``[N C]`` bool (clear on
+    both dates). ``bitemporal_scores``' normalization over all the region's usable cells (unit
+    vectors, the median displacement removed, robust z of the remaining length), then per chip
+    the ``min_cells``-th highest cell z: a chip scores high when at least that many of its cells
+    changed more than the region's typical cell. Chips with fewer usable cells score NaN."""
+    n, n_c, _ = before.shape
+    z = np.full((n, n_c), np.nan)
+    if usable.any():
+        scores = bitemporal_scores(before[usable], after[usable], min_spread)
+        z[usable] = scores.score
+    k = min(min_cells, n_c)
+    ordered = -np.sort(-np.where(usable, z, -np.inf), axis=1)  # [N C] highest first
+    chip = np.where(usable.sum(axis=1) >= k, ordered[:, k - 1], np.nan)
+    return chip, z
+
+
+def spatial_pair(series: RegionSeries, spatial: RegionSpatial, days: tuple[dt.date, dt.date],
+                 min_clear: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(before ``[N C D]``, after ``[N C D]`` float32 cell features, usable ``[N C]``: clear
+    enough on both dates) of the chips of ``series``; zero and unusable where a chip is missing."""
+    n, g = series.n_chips, spatial.grid
+    feats = np.zeros((2, n, g * g, spatial.dim), np.float32)
+    clear = np.zeros((2, n, g * g), bool)
+    by_date = {p.date.item(): p for p in spatial.partitions}
+    for j, day in enumerate(days):
+        part = by_date[day]
+        idx = np.searchsorted(series.chip_ids, part.chip_ids)
+        known = (idx < n) & (series.chip_ids[np.minimum(idx, n - 1)] == part.chip_ids)
+        rows = np.flatnonzero(known)
+        feats[j, idx[rows]] = np.asarray(part.features[rows], np.float32).reshape(len(rows), g * g, -1)
+        clear[j, idx[rows]] = np.asarray(part.clear[rows], np.float32).reshape(len(rows), g * g) >= min_clear
+    usable = np.logical_and(clear[0], clear[1])  # [N C]
+    return feats[0], feats[1], usable
+
+
 def detect_bitemporal(
-    series: RegionSeries, before: dt.date, after: dt.date, params: BitemporalParams | None = None
+    series: RegionSeries, before: dt.date, after: dt.date, params: BitemporalParams | None = None,
+    spatial: RegionSpatial | None = None,
 ) -> ChangeResult:
     """Two-date change for every chip of ``series``; chips not observed on both dates are
-    ``insufficient_data``."""
+    ``insufficient_data``. With ``params.patch`` (the default) scored per cell from the region's
+    ``spatial`` features and aggregated per chip (``bitemporal_cell_scores``)."""
     params = params or BitemporalParams()
     if not before < after:
         raise ChangeConfigError(f"bitemporal before={before} must be earlier than after={after}")
@@ -643,22 +834,41 @@ def detect_bitemporal(
         rows = np.flatnonzero(series.date_index == index[day])
         dense[series.chip_index[rows], j] = series.vectors[rows]
         seen[series.chip_index[rows], j] = True
-    both = seen.all(axis=1)
-    scores = bitemporal_scores(dense[both, 0], dense[both, 1], params.min_spread)
-    z = np.full(n, np.nan)
-    z[both] = scores.score
+    both = np.asarray(seen.all(axis=1), dtype=bool)  # [N]
+    cells: CellResult | None = None
+    extra: dict[str, Any]
+    if params.patch:
+        spatial = require_spatial(series, spatial)
+        feats_b, feats_a, usable = spatial_pair(series, spatial, (before, after), params.min_clear)
+        usable &= both[:, None]
+        z, cell_z = bitemporal_cell_scores(feats_b, feats_a, usable, params.min_cells, params.min_spread)
+        both = both & np.isfinite(z)
+        cell_changed = usable & (np.nan_to_num(cell_z) > params.threshold)
+        cell_date = np.where(cell_changed, np.datetime64(after, "D"), np.datetime64("NaT", "D"))
+        cells = CellResult(spatial.grid, usable, cell_changed, cell_date, cell_z)
+        spread = np.where(both, 1.0, np.nan)  # cell z are already standardized
+        extra = {"grid": spatial.grid, "usable_cells": int(usable.sum())}
+        info["grid"] = spatial.grid
+        definition = PATCH_BITEMPORAL_INTENSITY
+    else:
+        scores = bitemporal_scores(dense[both, 0], dense[both, 1], params.min_spread)
+        z = np.full(n, np.nan)
+        z[both] = scores.score
+        spread = np.where(both, scores.spread, np.nan)
+        extra = {"median_distance": scores.center, "robust_spread": scores.spread}
+        definition = BITEMPORAL_INTENSITY
     changed = both & (np.nan_to_num(z) > params.threshold)
     change_date = np.full(n, np.datetime64("NaT"), "datetime64[D]")
     change_date[changed] = np.datetime64(after)
-    reason = np.where(both, "", "not observed on both dates").astype(object)
+    reason = np.where(both, "", "not observed on both dates" if not params.patch else
+                      f"not observed on both dates with {params.min_cells}+ clear cells").astype(object)
     return ChangeResult(
         region=series.region, mode="bitemporal", chip_ids=series.chip_ids,
         geometries=list(series.geometries),
         status=np.where(both, STATUS_OK, STATUS_INSUFFICIENT).astype(object), reason=reason,
         changed=changed, change_date=change_date, intensity=z, max_score=z.copy(),
-        sigma=np.where(both, scores.spread, np.nan), n_obs=seen.sum(axis=1).astype(np.int64),
+        sigma=spread, n_obs=seen.sum(axis=1).astype(np.int64),
         n_baseline=seen[:, 0].astype(np.int64), n_monitoring=seen[:, 1].astype(np.int64),
         dates=np.array([before, after], dtype="datetime64[D]"), baseline_end=before, params=info,
-        intensity_definition=BITEMPORAL_INTENSITY,
-        extra={"median_distance": scores.center, "robust_spread": scores.spread},
+        intensity_definition=definition, cells=cells, extra=extra,
     )

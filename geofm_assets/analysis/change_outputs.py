@@ -1,5 +1,7 @@
 """Files of a change map (no Dagster imports): the per-chip table (GeoParquet), a GeoJSON grid,
-an intensity COG on the chip grid (one pixel per chip), a PNG map and time-series plots.
+an intensity COG on the chip grid (one pixel per chip), for the patch-level modes a cell COG
+(g x g pixels per chip: where inside the chip the ground changed), a PNG map and time-series
+plots.
 
 Everything is written into one directory (the asset's staging directory, so the set appears
 atomically); ``CHANGE_TABLE`` is the only Parquet file in it (DuckDB's ``change_maps`` view
@@ -35,6 +37,7 @@ from geofm_assets.geo.regions import ChipGrid
 CHANGE_TABLE = "change_maps.parquet"
 CHANGE_GEOJSON = "change_maps.geojson"
 CHANGE_COG = "intensity.tif"
+CELL_COG = "cells.tif"
 CHANGE_PNG = "change_map.png"
 PLOTS_DIR = "plots"
 NODATA = -9999.0
@@ -54,6 +57,8 @@ CHANGE_SCHEMA = pa.schema(
         ("n_obs", pa.int32()),
         ("n_baseline", pa.int32()),
         ("n_monitoring", pa.int32()),
+        ("changed_cells", pa.int32()),  # patch-level modes: confirmed cells (null otherwise)
+        ("changed_fraction", pa.float64()),  # of the chip's cells
         ("row", pa.int32()),
         ("col", pa.int32()),
         ("centroid_lon", pa.float64()),
@@ -70,6 +75,7 @@ def finite_or_none(value: float) -> float | None:
 def change_records(result: ChangeResult, grid: ChipGrid) -> list[dict[str, Any]]:
     """One dict per chip, in ``CHANGE_SCHEMA``'s columns (NaN becomes None: null, never NaN)."""
     geoms = shapely.from_wkb(result.geometries) if result.geometries else np.array([])
+    cells = result.cells
     records = []
     for i, chip_id in enumerate(result.chip_ids):
         row, col = grid.parse_chip_id(str(chip_id))
@@ -84,7 +90,10 @@ def change_records(result: ChangeResult, grid: ChipGrid) -> list[dict[str, Any]]
             "max_score": finite_or_none(result.max_score[i]),
             "sigma": finite_or_none(result.sigma[i]),
             "n_obs": int(result.n_obs[i]), "n_baseline": int(result.n_baseline[i]),
-            "n_monitoring": int(result.n_monitoring[i]), "row": row, "col": col,
+            "n_monitoring": int(result.n_monitoring[i]),
+            "changed_cells": int(cells.changed[i].sum()) if cells is not None else None,
+            "changed_fraction": float(cells.changed[i].mean()) if cells is not None else None,
+            "row": row, "col": col,
             "centroid_lon": float(centroid.x), "centroid_lat": float(centroid.y),
             "geometry": result.geometries[i],
         })
@@ -152,6 +161,47 @@ def write_intensity_cog(records: list[dict[str, Any]], grid: ChipGrid, meta: dic
                         dates=",".join(meta["dates"]), chips_changed=str(meta["chips_changed"]))
 
 
+def cell_rasters(result: ChangeResult, grid: ChipGrid) -> tuple[np.ndarray, np.ndarray]:
+    """(intensity, change day) ``[rows*g cols*g]`` float32 of the cells, chips placed on the
+    region's chip grid; ``NODATA`` where a cell was not analysed (intensity) or did not change
+    (day: days since 1970-01-01)."""
+    cells = result.cells
+    if cells is None:
+        raise ValueError("cell rasters need a patch-level result")
+    g = cells.grid
+    intensity = np.full((grid.n_rows * g, grid.n_cols * g), NODATA, np.float32)
+    day = np.full_like(intensity, NODATA)
+    for i, chip_id in enumerate(result.chip_ids):
+        row, col = grid.parse_chip_id(str(chip_id))
+        block = (slice(row * g, (row + 1) * g), slice(col * g, (col + 1) * g))
+        value = cells.intensity[i].reshape(g, g)
+        intensity[block] = np.where(cells.ok[i].reshape(g, g) & np.isfinite(value), value, NODATA)
+        when = cells.change_date[i].reshape(g, g)
+        day[block] = np.where(np.isnat(when), NODATA, when.astype("datetime64[D]").astype(np.int64))
+    return intensity, day
+
+
+def write_cell_cog(result: ChangeResult, grid: ChipGrid, meta: dict[str, Any], path: Path) -> None:
+    """A two-band float32 COG at cell resolution (g x g pixels a chip, ``chip_size / g`` grid
+    pixels each) in the grid's CRS: 1 the cell's intensity (z), 2 its change date as days since
+    1970-01-01 (no data where the cell did not change)."""
+    assert result.cells is not None
+    g = result.cells.grid
+    intensity, day = cell_rasters(result, grid)
+    profile = dict(
+        driver="COG", width=grid.n_cols * g, height=grid.n_rows * g, count=2, dtype="float32",
+        crs=grid.crs, transform=grid.transform * Affine.scale(grid.chip_size / g), nodata=NODATA,
+        compress="DEFLATE",
+    )
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(intensity, 1)
+        dst.write(day, 2)
+        dst.set_band_description(1, "cell change intensity (z)")
+        dst.set_band_description(2, "cell change date (days since 1970-01-01)")
+        dst.update_tags(region=meta["region"], mode=meta["mode"], grid=str(g), intensity=meta["intensity"],
+                        dates=",".join(meta["dates"]), chips_changed=str(meta["chips_changed"]))
+
+
 def figure_png(fig: Figure) -> bytes:
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
@@ -159,18 +209,27 @@ def figure_png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def map_png(records: list[dict[str, Any]], grid: ChipGrid, meta: dict[str, Any]) -> bytes:
-    """The chip grid coloured by intensity (grey: no data), changed chips outlined in red and
-    labelled with their change date."""
+def map_png(records: list[dict[str, Any]], grid: ChipGrid, meta: dict[str, Any],
+            cells: np.ndarray | None = None) -> bytes:
+    """The chip grid coloured by intensity (grey: no data) or, given ``cells`` (``[rows*g
+    cols*g]``, ``NODATA`` where nothing changed), each chip's changed cells coloured by their
+    intensity; changed chips outlined in red and labelled with their change date."""
     raster = chip_raster(records, grid, "intensity")
+    g = 1
+    if cells is not None:  # where inside each chip: the cells' intensity, changed cells only
+        g = cells.shape[0] // max(grid.n_rows, 1)
+        raster = cells
     valid = raster != NODATA
     fig = Figure(figsize=(max(4.0, 1.1 * grid.n_cols + 1.5), max(2.5, 1.1 * grid.n_rows + 1.2)))
     ax = fig.add_subplot()
     shown = np.ma.masked_array(raster, ~valid)
     vmax = max(float(np.abs(raster[valid]).max()) if valid.any() else 1.0, 1.0)
-    image = ax.imshow(shown, cmap="magma", norm=Normalize(0.0, vmax), interpolation="nearest")
+    extent = (-0.5, grid.n_cols - 0.5, grid.n_rows - 0.5, -0.5)
+    image = ax.imshow(shown, cmap="magma", norm=Normalize(0.0, vmax), interpolation="nearest",
+                      extent=extent)
     ax.set_facecolor("#cccccc")
-    fig.colorbar(image, ax=ax, label="intensity (z)", shrink=0.8)
+    fig.colorbar(image, ax=ax, label="changed cells: intensity (z)" if g > 1 else "intensity (z)",
+                 shrink=0.8)
     for rec in records:
         if rec["changed"]:
             ax.add_patch(Rectangle((rec["col"] - 0.5, rec["row"] - 0.5), 1, 1, fill=False,
@@ -270,7 +329,12 @@ def write_change_outputs(
     write_geoparquet(table, out_dir / CHANGE_TABLE, extra_metadata={"geofm": meta})
     write_geojson(records, meta, out_dir / CHANGE_GEOJSON)
     write_intensity_cog(records, grid, meta, out_dir / CHANGE_COG)
-    png = map_png(records, grid, meta)
+    cell_map = None
+    if result.cells is not None:
+        write_cell_cog(result, grid, meta, out_dir / CELL_COG)
+        intensity, day = cell_rasters(result, grid)
+        cell_map = np.where(day != NODATA, intensity, NODATA)  # changed cells only
+    png = map_png(records, grid, meta, cell_map)
     (out_dir / CHANGE_PNG).write_bytes(png)
     plots: dict[str, bytes] = {}
     top = result.strongest(top_n, fill=True)

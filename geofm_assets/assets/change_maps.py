@@ -1,5 +1,7 @@
 """``change_maps``: per-chip change over all dates of a region (harmonic regression, or two
-dates), as a table, a GeoJSON grid, an intensity COG, a PNG map and time-series plots."""
+dates), detected by default on a 16 x 16 grid of cells inside each chip (the embeddings'
+spatial features) and aggregated per chip, as a table, a GeoJSON grid, an intensity COG, a
+cell-resolution COG, a PNG map and time-series plots."""
 
 import base64
 import math
@@ -33,6 +35,7 @@ from geofm_assets.analysis.change import (
     empty_result,
 )
 from geofm_assets.analysis.change_outputs import (
+    CELL_COG,
     CHANGE_COG,
     CHANGE_GEOJSON,
     CHANGE_PNG,
@@ -40,7 +43,7 @@ from geofm_assets.analysis.change_outputs import (
     CHANGE_TABLE,
     write_change_outputs,
 )
-from geofm_assets.analysis.series import RegionSeries, load_region_series
+from geofm_assets.analysis.series import RegionSeries, RegionSpatial, load_region_series, load_region_spatial
 from geofm_assets.assets.embeddings import embeddings
 from geofm_assets.assets.tiles import md_image
 from geofm_assets.automation import follows_new_dates_of_region
@@ -58,7 +61,16 @@ class ChangeMapsConfig(Config):
         description="auto: bitemporal when the region has exactly two dates, else harmonic; "
         "harmonic; or bitemporal (with before/after, or a region of two dates)",
     )
-    series: str = Field(default="baseline_distance", description="baseline_distance or pca")
+    series: str = Field(
+        default="patch_distance",
+        description="patch_distance: per cell of the chip (spatial features), aggregated per chip; "
+        "baseline_distance or pca: the chip's embedding",
+    )
+    min_clear: float = Field(default=0.9, description="patch: a cell counts on a date when this "
+                             "fraction of its pixels is clear (SCL)")
+    min_cells: int = Field(default=2, description="patch: confirmed cells that make a chip changed")
+    persistence: float = Field(default=0.5, description="of the observations after a confirmed run, "
+                               "the fraction that must stay over the threshold (0: off)")
     n_components: int = Field(default=3, description="principal components (series pca)")
     baseline_days: int = Field(default=365, description="baseline: the first date + this many days")
     baseline_end: str | None = Field(default=None, description="last baseline date (YYYY-MM-DD)")
@@ -76,11 +88,17 @@ class ChangeMapsConfig(Config):
             series=self.series, n_components=self.n_components, baseline_days=self.baseline_days,
             baseline_end=checked_date(self.baseline_end) if self.baseline_end else None,
             harmonics=self.harmonics, trend=self.trend, threshold=self.threshold,
-            consecutive=self.consecutive, margin=self.margin,
+            consecutive=self.consecutive, margin=self.margin, min_clear=self.min_clear,
+            min_cells=self.min_cells, persistence=self.persistence,
         )
 
+    def bitemporal_params(self) -> BitemporalParams:
+        return BitemporalParams(threshold=self.threshold, patch=self.series == "patch_distance",
+                                min_clear=self.min_clear, min_cells=self.min_cells)
 
-def run_change(series: RegionSeries, config: ChangeMapsConfig) -> ChangeResult:
+
+def run_change(series: RegionSeries, config: ChangeMapsConfig, spatial: RegionSpatial | None = None
+               ) -> ChangeResult:
     """Pick the mode from the config and the region's dates, and run it."""
     if config.mode not in MODES:
         raise ChangeConfigError(
@@ -102,8 +120,8 @@ def run_change(series: RegionSeries, config: ChangeMapsConfig) -> ChangeResult:
                 f"bitemporal change over {series.region!r} needs both `before` and `after` "
                 f"(the region has {series.n_dates} dates: {series.dates[0]} .. {series.dates[-1]})"
             )
-        return detect_bitemporal(series, before, after, BitemporalParams(threshold=config.threshold))
-    return detect_harmonic(series, params)
+        return detect_bitemporal(series, before, after, config.bitemporal_params(), spatial)
+    return detect_harmonic(series, params, spatial)
 
 
 def images_md(pngs: dict[str, bytes]) -> MetadataValue:
@@ -153,11 +171,14 @@ def table_checks(path: Path, expected_chips: int) -> list[AssetCheckResult]:
     kinds={"geoparquet", "geojson", "cog"},
     description=(
         "Per-chip change over all dates of the region. Harmonic mode (CCDC-like): a harmonic "
-        "regression (annual + semi-annual) fitted per chip on the baseline period to the chip's "
-        "embedding series, residuals over the monitoring period standardized by the baseline RMSE; "
-        "a change is k consecutive observations over the threshold, dated at the first. Two dates: "
-        "a before/after score normalized against the region's chips. Outputs: a table "
-        "(`geofm sql`: view change_maps), a GeoJSON grid, an intensity COG, a PNG map and plots."
+        "regression (annual + semi-annual) fitted on the baseline period to each cell's cosine "
+        "distance to its baseline-mean features (16 x 16 cells of 2.56 ha a chip, from the "
+        "embeddings' spatial features; cloudy cells are missing observations), residuals over the "
+        "monitoring period standardized by the baseline RMSE; a cell changes after k consecutive "
+        "observations over the threshold that last, a chip when min_cells cells do, dated at the "
+        "earliest. Two dates: a before/after cell score normalized against the region's cells. "
+        "Outputs: a table (`geofm sql`: view change_maps), a GeoJSON grid, an intensity COG, a "
+        "cell COG (where in each chip), a PNG map and plots."
     ),
     check_specs=[
         AssetCheckSpec("every_chip_has_status", asset="change_maps",
@@ -174,7 +195,9 @@ def change_maps(
     region = region_of(context)
     grid = ChipGrid.for_region(region)
     series = load_region_series(Path(lake.uri()), region.name)
-    result = run_change(series, config)
+    patch = config.series == "patch_distance"
+    spatial = load_region_spatial(Path(lake.uri()), region.name) if patch else None
+    result = run_change(series, config, spatial)
     with lake.write_region("change_maps", region.name) as staging:
         outputs = write_change_outputs(result, grid, staging, top_n=config.top_n)
     out_dir = lake.region_dir("change_maps", region.name)
@@ -196,11 +219,16 @@ def change_maps(
         "table": MetadataValue.path(str(out_dir / CHANGE_TABLE)),
         "geojson": MetadataValue.path(str(out_dir / CHANGE_GEOJSON)),
         "cog": MetadataValue.path(str(out_dir / CHANGE_COG)),
+        "series": config.series,
         "map": md_image(outputs.map_png, f"change map {region.name}"),
         "dagster/column_schema": TableSchema(
             columns=[TableColumn(f.name, str(f.type)) for f in CHANGE_SCHEMA]
         ),
     }
+    if result.cells is not None:
+        metadata["cell_cog"] = MetadataValue.path(str(out_dir / CELL_COG))
+        metadata["cell_grid"] = result.cells.grid
+        metadata["cells_changed"] = int(result.cells.changed.sum())
     if outputs.plots:
         metadata["strongest_changes"] = images_md(outputs.plots)
     changed_dates = sorted({str(d) for d in result.change_date[result.changed]})

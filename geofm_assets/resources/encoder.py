@@ -31,6 +31,11 @@ class EncoderResource(ConfigurableResource):
     patch_embeddings: bool = Field(
         default=False, description="also write patch tokens (patches.npy) for ViT encoders"
     )
+    spatial_grid: int = Field(
+        default=16, ge=0,
+        description="also write g x g cell features (spatial.npy, [N g g D] float16) and their "
+        "clear fractions (spatial_valid.npy) for change_maps' patch-level detection; 0: none",
+    )
 
     def worker_extras(self, lake_root: str, region: str, date: str) -> dict[str, Any]:
         return {
@@ -42,6 +47,7 @@ class EncoderResource(ConfigurableResource):
             "device": self.device,
             "batch_size": self.batch_size,
             "patch_embeddings": self.patch_embeddings,
+            "spatial_grid": self.spatial_grid,
         }
 
 

@@ -10,9 +10,11 @@ import pytest
 from geofm_assets.analysis.change import (
     STATUS_INSUFFICIENT,
     STATUS_OK,
+    BitemporalParams,
     ChangeConfigError,
     ChangeParams,
     baseline_distance_values,
+    bitemporal_cell_scores,
     bitemporal_scores,
     confirmed_runs,
     detect_bitemporal,
@@ -21,7 +23,7 @@ from geofm_assets.analysis.change import (
     harmonic_changes,
     harmonic_design,
 )
-from geofm_assets.analysis.series import RegionSeries
+from geofm_assets.analysis.series import RegionSeries, RegionSpatial, SpatialPartition
 
 START = np.datetime64("2020-01-05")
 DAYS = START + np.arange(0, 3 * 365, 16)  # [T] every 16 days over three years
@@ -84,7 +86,8 @@ def test_one_outlier_spike_and_a_short_burst_do_not_raise_an_alarm():
     y[2, [t, t + 2, t + 4]] += 0.2  # three, not consecutive
     out = run(y)
     assert out.ok.all() and not out.changed.any()
-    assert run(y, consecutive=1).changed[:3].all()  # k = 1 would have flagged them
+    assert run(y, consecutive=1, persistence=0).changed[:3].all()  # k = 1 would have flagged them
+    assert not run(y, consecutive=1).changed.any()  # ... were they not transient (persistence)
 
 
 def test_seasonal_series_without_break_stays_unflagged_even_with_large_seasonality():
@@ -210,7 +213,7 @@ def test_bitemporal_normalization_removes_the_region_wide_shift_and_illumination
 def test_detect_bitemporal_marks_chips_missing_a_date_and_dates_the_change():
     s = synthetic_series(np.random.default_rng(8), n=30, changed=3)
     before, after = s.dates[2].item(), s.dates[-3].item()
-    result = detect_bitemporal(s, before, after)
+    result = detect_bitemporal(s, before, after, BitemporalParams(patch=False))  # chip vectors
     seen = {(c, d) for c, d in zip(s.chip_index.tolist(), s.date_index.tolist(), strict=True)}
     both = np.array([(i, 2) in seen and (i, len(DAYS) - 3) in seen for i in range(30)])
     assert ((result.status == STATUS_OK) == both).all()
@@ -218,7 +221,7 @@ def test_detect_bitemporal_marks_chips_missing_a_date_and_dates_the_change():
     assert result.changed[:3][both[:3]].all() and not result.changed[3:].any()
     assert (result.change_date[result.changed] == np.datetime64(after)).all()
     with pytest.raises(ChangeConfigError, match="no embeddings on 1999-01-01"):
-        detect_bitemporal(s, dt.date(1999, 1, 1), after)
+        detect_bitemporal(s, dt.date(1999, 1, 1), after, BitemporalParams(patch=False))
 
 
 def test_bad_parameters_are_refused_with_their_name():
@@ -237,3 +240,99 @@ def test_one_date_gives_a_labelled_empty_result():
     result = detect_harmonic(one)
     assert result.mode == "empty" and "1 date" in (result.empty_reason or "")
     assert (result.status == STATUS_INSUFFICIENT).all() and not result.changed.any()
+
+
+# --- Patch level: cells inside each chip ----------------------------------------------------------
+def patch_region(rng: np.random.Generator, n: int = 3, g: int = 4, dim: int = 12,
+                 breaks: tuple[tuple[int, int], ...] = ((0, 5),)) -> tuple[RegionSeries, RegionSpatial]:
+    """``n`` chips of ``g`` x ``g`` cells over DAYS: each cell a random direction with a seasonal
+    wobble and noise; the cells in ``breaks`` (chip, cell) turn to a new direction from BREAK on.
+    Every cell is clear on every date (tests cloud some)."""
+    chip_ids = np.array([f"testland_r0000_c{i:04d}" for i in range(n)], dtype=object)
+    base = rng.normal(size=(n, g * g, dim)) + 3.0
+    wobble = rng.normal(size=(n, g * g, dim))
+    t = (day_numbers(DAYS) - day_numbers(DAYS)[0]) / 365.25
+    parts = []
+    for j, day in enumerate(DAYS.astype("datetime64[D]")):
+        f = base + 0.2 * np.cos(2 * np.pi * t[j]) * wobble + 0.03 * rng.normal(size=base.shape)
+        if day >= BREAK:
+            for chip, cell in breaks:
+                f[chip, cell] = f[chip, cell] + 6.0 * np.eye(dim)[cell % dim]
+        parts.append(SpatialPartition(day, chip_ids, f.reshape(n, g, g, dim).astype(np.float16),
+                                      np.ones((n, g, g), np.float16)))
+    chips, dates = np.meshgrid(np.arange(n), np.arange(len(DAYS)), indexing="ij")
+    series = RegionSeries(
+        region="testland", model="test", checkpoint_digest="x", chip_ids=chip_ids,
+        dates=DAYS.astype("datetime64[D]"), chip_index=chips.ravel(), date_index=dates.ravel(),
+        vectors=np.stack([parts[d].features[c].astype(np.float32).mean(axis=(0, 1))
+                          for c, d in zip(chips.ravel(), dates.ravel(), strict=True)]),  # chip = mean cell
+        centroids=np.zeros((n, 2)), geometries=[b""] * n, partitions_read=len(DAYS),
+    )
+    return series, RegionSpatial("testland", g, dim, parts, [])
+
+
+def first_date_from(day: np.datetime64) -> np.datetime64:
+    return DAYS.astype("datetime64[D]")[int(np.argmax(day <= DAYS))]
+
+
+def test_one_cell_breaking_is_flagged_at_its_date_and_the_other_cells_stay():
+    series, spatial = patch_region(np.random.default_rng(10))
+    result = detect_harmonic(series, ChangeParams(min_cells=1), spatial)
+    cells = result.cells
+    assert cells is not None and cells.grid == 4 and cells.ok.all()
+    assert np.flatnonzero(cells.changed[0]).tolist() == [5] and not cells.changed[1:].any()
+    assert cells.change_date[0, 5] == first_date_from(BREAK)
+    assert result.changed.tolist() == [True, False, False]
+    assert result.change_date[0] == first_date_from(BREAK) and np.isnat(result.change_date[1:]).all()
+    assert result.curves is not None and result.extra["plotted_cell"][0] == 5  # the plot shows that cell
+    # one cell is not enough for the default min_cells = 2: the chip is not changed, the cell still is
+    default = detect_harmonic(series, ChangeParams(), spatial)
+    assert not default.changed.any() and default.cells is not None and default.cells.changed[0, 5]
+    assert default.max_score[0] < 3 < default.cells.intensity[0, 5]
+
+
+def test_two_cells_make_a_changed_chip_dated_at_the_earliest_cell():
+    series, spatial = patch_region(np.random.default_rng(11), breaks=((1, 2), (1, 3)))
+    result = detect_harmonic(series, ChangeParams(), spatial)
+    assert result.changed.tolist() == [False, True, False]
+    assert result.change_date[1] == first_date_from(BREAK)
+
+
+def test_cloudy_cells_are_missing_observations():
+    series, spatial = patch_region(np.random.default_rng(12))
+    t = int(np.argmax(DAYS >= BREAK))
+    for j in (t, t + 1):  # the broken cell is cloudy on the first two dates after the break ...
+        spatial.partitions[j].clear[0, 1, 1] = 0.3
+    for j in range(t - 6, t - 3):  # ... and three cloudy dates in a row on another chip
+        f = np.array(spatial.partitions[j].features)
+        f[2, 0, 0] = -50.0  # a cloud: wildly different features, but flagged by SCL
+        spatial.partitions[j] = SpatialPartition(spatial.partitions[j].date, spatial.partitions[j].chip_ids,
+                                                 f, spatial.partitions[j].clear)
+        spatial.partitions[j].clear[2, 0, 0] = 0.2
+    params = ChangeParams(min_cells=1, persistence=0)  # no persistence test: masking alone
+    result = detect_harmonic(series, params, spatial)
+    assert result.cells is not None and np.flatnonzero(result.cells.changed.ravel()).tolist() == [5]
+    assert result.cells.change_date[0, 5] == DAYS.astype("datetime64[D]")[t + 2]  # first clear one
+    cloudless = detect_harmonic(series, ChangeParams(min_cells=1, min_clear=0.0, persistence=0), spatial)
+    assert cloudless.cells is not None and cloudless.cells.changed[2, 0]  # the cloud, taken for ground
+
+
+def test_patch_series_without_spatial_features_says_what_to_do():
+    series, spatial = patch_region(np.random.default_rng(13), n=2)
+    with pytest.raises(ChangeConfigError, match="spatial_grid > 0"):
+        detect_harmonic(series, ChangeParams())
+    partial = RegionSpatial("testland", 4, spatial.dim, spatial.partitions[1:], [str(DAYS[0])])
+    with pytest.raises(ChangeConfigError, match=str(DAYS[0])):
+        detect_harmonic(series, ChangeParams(), partial)
+
+
+def test_bitemporal_patch_scores_a_chip_by_its_changed_cells():
+    series, spatial = patch_region(np.random.default_rng(14), n=8, breaks=((3, 0), (3, 1)))
+    before, after = series.dates[2].item(), series.dates[-2].item()
+    result = detect_bitemporal(series, before, after, spatial=spatial)
+    assert result.cells is not None and result.mode == "bitemporal"
+    assert result.changed.tolist() == [i == 3 for i in range(8)]
+    assert np.argmax(result.intensity) == 3 and result.cells.changed[3, :2].all()
+    chip_z, cell_z = bitemporal_cell_scores(np.ones((2, 4, 3)), np.ones((2, 4, 3)),
+                                            np.array([[True, True, False, False], [True] * 4]), 3)
+    assert np.isnan(chip_z[0]) and np.isfinite(chip_z[1]) and np.isnan(cell_z[0, 2:]).all()

@@ -14,6 +14,7 @@ import rasterio
 from dagster import materialize
 
 from geofm_assets.analysis.change_outputs import (
+    CELL_COG,
     CHANGE_COG,
     CHANGE_GEOJSON,
     CHANGE_PNG,
@@ -101,7 +102,8 @@ def test_harmonic_map_of_the_tiny_sample(lake_copy: Path, instance):
 
 def test_bitemporal_map_with_before_and_after(lake_copy: Path, instance, tiny_lake):
     before, after = tiny_lake.dates[1], tiny_lake.dates[-1]
-    md = run(lake_copy, "candeias", instance, {"mode": "bitemporal", "before": before, "after": after})
+    md = run(lake_copy, "candeias", instance, {"mode": "bitemporal", "before": before, "after": after,
+                                                "series": "baseline_distance"})  # chip vectors
     assert md["mode"] == "bitemporal" and md["params"]["before"] == before
     rows, _ = assert_outputs(lake_copy, "candeias", md["chips"])
     assert (lake_copy / "change_maps/region=candeias/plots/scores.png").exists()
@@ -126,3 +128,45 @@ def test_region_with_one_date_gives_an_empty_labelled_map(lake_copy: Path, insta
     md = run(lake_copy, "candeias", instance)
     assert md["chips"] == 0 and "0 date(s)" in md["empty_reason"]
     assert_outputs(lake_copy, "candeias", 0)
+
+
+def test_patch_level_map_writes_a_cell_cog_on_the_chip_grid(lake_copy: Path, instance, tiny_lake):
+    config = {"harmonics": 0, "margin": 0, "baseline_end": "2022-06-01", "consecutive": 2}
+    md = run(lake_copy, "jamari", instance, config)  # default series: patch_distance
+    assert md["series"] == "patch_distance" and md["cell_grid"] == 16
+    rows, _ = assert_outputs(lake_copy, "jamari", 12)
+    grid = ChipGrid.for_region(REGIONS["jamari"])
+    with rasterio.open(lake_copy / "change_maps/region=jamari" / CELL_COG) as ds:
+        assert ds.count == 2 and ds.crs.to_epsg() == grid.epsg and ds.nodata == NODATA
+        assert (ds.width, ds.height) == (grid.n_cols * 16, grid.n_rows * 16)
+        assert ds.transform.a == grid.step / 16 and (ds.transform.c, ds.transform.f) == (grid.x0, grid.y0)
+        intensity, day = ds.read(1), ds.read(2)
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert ok and all(r["changed_cells"] is not None and 0 <= r["changed_fraction"] <= 1 for r in rows)
+    for r in rows:  # each chip's 16 x 16 block: analysed cells have an intensity, changed cells a date
+        block = (slice(r["row"] * 16, (r["row"] + 1) * 16), slice(r["col"] * 16, (r["col"] + 1) * 16))
+        assert int((day[block] != NODATA).sum()) == r["changed_cells"]
+        assert (intensity[block] != NODATA).any() == (r["status"] == "ok")
+        if r["changed"]:
+            first = np.datetime64(int(day[block][day[block] != NODATA].min()), "D")
+            assert first == np.datetime64(r["change_date"])
+    assert md["cells_changed"] == sum(r["changed_cells"] for r in rows)
+
+    before, after = tiny_lake.dates[1], tiny_lake.dates[-1]
+    md = run(lake_copy, "candeias", instance, {"mode": "bitemporal", "before": before, "after": after})
+    assert md["mode"] == "bitemporal" and md["cell_grid"] == 16
+    rows, _ = assert_outputs(lake_copy, "candeias", md["chips"])
+    assert (lake_copy / "change_maps/region=candeias" / CELL_COG).exists()
+    assert all(r["changed_cells"] is not None for r in rows)
+
+
+def test_patch_series_on_embeddings_without_spatial_features_is_explained(lake_copy: Path, instance):
+    for path in (lake_copy / "embeddings" / "region=candeias").glob("date=*/spatial.npy"):
+        path.unlink()
+    result = materialize([change_maps], partition_key="candeias", instance=instance,
+                         resources={"lake": LocalLakeResource(root=str(lake_copy))}, raise_on_error=False)
+    assert not result.success
+    failure = result.get_step_failure_events()[0].step_failure_data.error
+    assert failure is not None and "spatial_grid > 0" in str(failure)
+    md = run(lake_copy, "candeias", instance, {"series": "baseline_distance"})  # the chip-level series
+    assert md["series"] == "baseline_distance" and "cell_cog" not in md

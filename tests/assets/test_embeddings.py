@@ -133,3 +133,60 @@ def test_patch_embeddings_come_from_the_same_forward_pass(tiny_sample, instance,
     assert read_json_metadata(out / "embeddings.parquet", "emb")["patches"] == "patches.npy"
     with pytest.raises(EmbeddingError, match="no patch tokens"):
         embed_partition(lake, "candeias", date.isoformat(), NaNEncoder(), patch_embeddings=True)
+
+
+@pytest.mark.slow  # ~12 s: rcf feature maps and a tiny Clay over a partition
+def test_worker_writes_spatial_features_and_clear_fractions_for_rcf_and_clay(
+    tiny_sample, instance, resources
+):
+    import torch
+
+    from geofm_assets.models import build_encoder
+    from geofm_assets.models.clay import ClayConfig, ClayEncoder, ClayEncoderModel
+    from geofm_assets.workers.embed import cell_clear_fraction, read_datacube_and_scl
+
+    date = first_clear_date(tiny_sample)
+    assert materialize([sentinel2_tiles, chips], instance=instance, resources=resources,
+                       partition_key=str(partition_key(date, "candeias"))).success
+    lake = Path(resources["lake"].root)
+    out = lake / f"embeddings/region=candeias/date={date}"
+    rcf = build_encoder("rcf")
+    stats = embed_partition(lake, "candeias", date.isoformat(), rcf, batch_size=4, spatial_grid=16)
+    spatial, clear = np.load(out / "spatial.npy"), np.load(out / "spatial_valid.npy")
+    assert spatial.shape == (stats.count, 16, 16, rcf.dim) and spatial.dtype == np.float16
+    assert clear.shape == (stats.count, 16, 16) and ((clear >= 0) & (clear <= 1)).all()
+    assert stats.spatial_grid == 16 and 0 < stats.spatial_seconds <= stats.model_seconds
+    emb = read_json_metadata(out / "embeddings.parquet", "emb")
+    assert emb["spatial"]["grid"] == 16 and emb["spatial"]["file"] == "spatial.npy"
+    # rows follow the table; the cells' mean is close to the chip's embedding
+    table = pq.read_table(out / "embeddings.parquet")
+    vectors = embedding_matrix(table)
+    mean = spatial.astype(np.float32).mean(axis=(1, 2))
+    cosine = (mean * vectors).sum(1) / np.linalg.norm(mean, axis=1) / np.linalg.norm(vectors, axis=1)
+    assert (cosine > 0.99).all()
+    kept = pq.read_table(lake / f"chips/region=candeias/date={date}/chips.parquet").to_pylist()
+    dn, scl = read_datacube_and_scl(lake / kept[0]["datacube_path"])
+    np.testing.assert_allclose(clear[0], cell_clear_fraction(dn[None], scl[None], 16)[0], atol=1e-3)
+
+    torch.manual_seed(0)
+    config = ClayConfig(name="clay-tiny", dim=32, depth=1, heads=2, dim_head=16)
+    clay = ClayEncoder(ClayEncoderModel(config), checkpoint_digest="test")
+    embed_partition(lake, "candeias", date.isoformat(), clay, batch_size=4, spatial_grid=8,
+                    patch_embeddings=True)
+    spatial, patches = np.load(out / "spatial.npy"), np.load(out / "patches.npy")
+    assert spatial.shape == (stats.count, 8, 8, 32) and np.load(out / "spatial_valid.npy").shape[1:] == (8, 8)
+    # 32 x 32 patch tokens pooled 4 x 4: cell (0, 0) is the mean of the first 4 tokens of 4 rows
+    tokens = patches.astype(np.float32).reshape(stats.count, 32, 32, 32)
+    np.testing.assert_allclose(spatial[:, 0, 0], tokens[:, :4, :4].mean(axis=(1, 2)), atol=2e-2)
+
+    embed_partition(lake, "candeias", date.isoformat(), rcf, batch_size=4, spatial_grid=0)
+    assert not (out / "spatial.npy").exists()
+    assert read_json_metadata(out / "embeddings.parquet", "emb")["spatial"] is None
+    with pytest.raises(EmbeddingError, match="does not divide"):
+        embed_partition(lake, "candeias", date.isoformat(), rcf, batch_size=4, spatial_grid=7)
+
+
+def test_encoder_resource_passes_the_spatial_grid_to_the_worker():
+    extras = EncoderResource(spatial_grid=8).worker_extras("/lake", "jamari", "2021-06-01")
+    assert extras["spatial_grid"] == 8
+    assert EncoderResource().worker_extras("/lake", "jamari", "2021-06-01")["spatial_grid"] == 16
