@@ -10,7 +10,7 @@ CLAY_REFERENCE := $(VENV)/reference/claymodel-1.5.0-py3-none-any.whl
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 SIZE ?= demo
 
-.PHONY: setup browser demo test ui lint clean-lake
+.PHONY: setup system-deps demo test ui lint clean-lake
 
 setup: $(STAMP)
 
@@ -30,16 +30,22 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/geofm demo --size $(SIZE)
 
-# The browser test drives Debian's chromium through chromium-driver: installed here when this runs
-# as root with apt (CI does); elsewhere the test skips and says why.
-browser:
-	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+# Real servers the tests start: Debian's chromium + chromium-driver (the browser test) and
+# PostgreSQL (the instance test). Installed here when missing and this runs as root with apt
+# (CI does); elsewhere those tests skip and say why.
+system-deps:
+	@missing=""; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
+	ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
-	  || echo "could not install chromium: the browser test will skip"; \
-	else echo "chromium/chromedriver absent and not root: the browser test will skip"; fi
+	  echo "installing$$missing"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+	  || echo "could not install$$missing: the tests that need them will skip"; \
+	else echo "missing$$missing and not root: the tests that need them will skip"; fi
 
-test: setup browser
+test: setup system-deps
 	GEOFM_CLAY_REFERENCE=$(CLAY_REFERENCE) $(VENV)/bin/python -m pytest
 
 ui: setup

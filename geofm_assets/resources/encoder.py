@@ -8,11 +8,13 @@ import sys
 from abc import abstractmethod
 from typing import Any
 
+from botocore.exceptions import ClientError
 from dagster import (
     AssetExecutionContext,
     ConfigurableResource,
     MaterializeResult,
     PipesSubprocessClient,
+    RetryRequested,
 )
 from pydantic import Field
 
@@ -121,10 +123,37 @@ class EcsEmbeddingLauncher(EmbeddingLauncher):
             ),
         )
 
+    max_retries: int = Field(
+        default=2, ge=0,
+        description="times a failed or lost worker task is started again (spot reclaim, host lost, "
+                    "OOM) before the partition fails",
+    )
+    retry_delay_s: float = Field(default=30.0, ge=0, description="first retry delay; doubles each time")
+
     def launch(self, context: AssetExecutionContext, extras: dict[str, Any]) -> MaterializeResult:
-        return (
-            self.client()
-            .run(context=context, run_task_params=self.run_task_params(),
-                 extras=extras, pipes_container_name=self.container_name)
-            .get_materialize_result()
-        )
+        try:
+            return (
+                self.client()
+                .run(context=context, run_task_params=self.run_task_params(),
+                     extras=extras, pipes_container_name=self.container_name)
+                .get_materialize_result()
+            )
+        except (RuntimeError, OSError, ClientError) as exc:
+            # The task died or never started: nothing was committed (the worker writes its
+            # partition atomically at the end), so starting it again is safe.
+            attempt = context.retry_number + 1
+            if context.retry_number < self.max_retries:
+                wait = self.retry_delay_s * 2 ** context.retry_number
+                context.log.warning(
+                    f"embedding worker task on ECS cluster {self.cluster} failed (attempt {attempt} of "
+                    f"{self.max_retries + 1}): {exc}; starting it again in {wait:.0f} s")
+                raise RetryRequested(max_retries=self.max_retries, seconds_to_wait=wait) from exc
+            raise EmbeddingWorkerFailed(
+                f"the embedding worker task on ECS cluster {self.cluster} (task definition "
+                f"{self.task_definition}) failed {attempt} time(s), the last with: {exc}. Nothing was "
+                "written for this partition; check the task's CloudWatch logs and re-run it."
+            ) from exc
+
+
+class EmbeddingWorkerFailed(RuntimeError):
+    """The external embedding step failed for good (after its retries)."""
