@@ -11,6 +11,9 @@ from geofm_assets import definitions
 from geofm_assets.cli import main
 from geofm_assets.partitions import partition_key
 
+SEARCH_PATH = [definitions.sentinel2_tiles, definitions.chips, definitions.embeddings,
+               definitions.vector_index]
+
 
 @pytest.fixture
 def indexed(dagster_home, tiny_sample, instance, monkeypatch):
@@ -20,7 +23,7 @@ def indexed(dagster_home, tiny_sample, instance, monkeypatch):
     dates = [tiny_sample.dates[0], tiny_sample.dates[1]]
     results = []
     for date in dates:
-        results.append(materialize(definitions.ASSETS, instance=instance, resources=resources,
+        results.append(materialize(SEARCH_PATH, instance=instance, resources=resources,
                                    partition_key=str(partition_key(date, "jamari"))))
         assert results[-1].success
     return resources, dates, results
