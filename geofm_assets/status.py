@@ -179,7 +179,8 @@ def _summarize(check: str, latest_by_label: Mapping[str, tuple[AssetCheckExecuti
     label, (record, status) = max(latest_by_label.items(), key=lambda kv: kv[1][0].id)
     out.latest_status = status
     out.latest_partition = None if label == ALL else label
-    out.latest_at = _iso(record.create_timestamp)
+    # when it was evaluated (the record is created earlier, when its run plans the check)
+    out.latest_at = _iso(record.event.timestamp if record.event else record.create_timestamp)
     out.counts = dict(sorted(counts.items()))
     if label == ALL and record.evaluation is not None:
         out.metadata = {k: _plain(v) for k, v in record.evaluation.metadata.items()}
