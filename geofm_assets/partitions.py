@@ -6,6 +6,7 @@ import datetime as dt
 
 from dagster import (
     AssetExecutionContext,
+    BackfillPolicy,
     DynamicPartitionsDefinition,
     MultiPartitionKey,
     MultiPartitionsDefinition,
@@ -26,6 +27,13 @@ region_partitions = StaticPartitionsDefinition(sorted(REGIONS))
 region_date_partitions = MultiPartitionsDefinition(
     {"date": date_partitions, "region": region_partitions}
 )
+# Backfills run one region x date per run. Dagster 1.13 can chunk a multi-partition backfill into
+# key ranges, but a run over a range reports one MaterializeResult (its metadata copied to every
+# partition) and asset-check results without a partition; the per-partition metadata and checks
+# that `geofm status` and the UI show would be lost. One partition per run also confines a
+# failure to its partition. Runs queue (2 at a time here) and the embedding step is pooled.
+ONE_PARTITION_PER_RUN = BackfillPolicy.multi_run(max_partitions_per_run=1)
+
 # A region-level asset (partitioned by region only) depends on every date of its region.
 all_dates_of_region = MultiToSingleDimensionPartitionMapping(partition_dimension_name="region")
 

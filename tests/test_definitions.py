@@ -42,3 +42,13 @@ def test_automation_is_declared_and_on_by_default():
     sensors = {s.name: s for s in defs.sensors}
     assert sensors["geofm_automation"].default_status == DefaultSensorStatus.RUNNING
     assert sensors["scene_sensor"].default_status == DefaultSensorStatus.STOPPED
+
+
+def test_backfills_run_one_region_x_date_per_run():
+    from geofm_assets.partitions import ONE_PARTITION_PER_RUN
+
+    graph = defs.resolve_asset_graph()
+    for key in defs.resolve_all_asset_keys():
+        node = graph.get(key)
+        if node.partitions_def == region_date_partitions:
+            assert node.backfill_policy == ONE_PARTITION_PER_RUN, key

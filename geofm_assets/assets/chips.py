@@ -29,7 +29,7 @@ from geofm_assets.geo.quality import (
 )
 from geofm_assets.geo.regions import ChipGrid
 from geofm_assets.lake import CHIPS_TABLE
-from geofm_assets.partitions import region_and_date, region_date_partitions
+from geofm_assets.partitions import ONE_PARTITION_PER_RUN, region_and_date, region_date_partitions
 from geofm_assets.resources.lake import LakeResource
 
 CHIPS_SCHEMA = pa.schema(
@@ -102,6 +102,7 @@ def chips_table(
 
 @asset(
     partitions_def=region_date_partitions,
+    backfill_policy=ONE_PARTITION_PER_RUN,
     deps=[sentinel2_tiles],
     group_name="ingest",
     kinds={"netcdf", "geoparquet"},

@@ -17,7 +17,7 @@ from geofm_assets.automation import follows_upstream_partition
 from geofm_assets.geo.geoparquet import read_json_metadata
 from geofm_assets.lake import CHIPS_TABLE, EMBEDDINGS_TABLE
 from geofm_assets.models.quality import check_embeddings
-from geofm_assets.partitions import region_and_date, region_date_partitions
+from geofm_assets.partitions import ONE_PARTITION_PER_RUN, region_and_date, region_date_partitions
 from geofm_assets.resources.encoder import EmbeddingLauncher, EncoderResource
 from geofm_assets.resources.lake import LakeResource
 
@@ -34,6 +34,7 @@ EMBEDDING_CHECKS = (
 
 @asset(
     partitions_def=region_date_partitions,
+    backfill_policy=ONE_PARTITION_PER_RUN,
     automation_condition=follows_upstream_partition(),
     deps=[chips],
     group_name="embed",

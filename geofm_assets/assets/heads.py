@@ -55,7 +55,7 @@ from geofm_assets.heads.segmentation import (
 from geofm_assets.lake import EMBEDDINGS_TABLE, swap_directory
 from geofm_assets.models import build_encoder
 from geofm_assets.models.base import Encoder, resolve_device
-from geofm_assets.partitions import region_and_date, region_date_partitions
+from geofm_assets.partitions import ONE_PARTITION_PER_RUN, region_and_date, region_date_partitions
 from geofm_assets.resources.encoder import EncoderResource
 from geofm_assets.resources.lake import LakeResource
 from geofm_assets.resources.stac import StacResource
@@ -188,6 +188,7 @@ def landcover_classifier(
 
 @asset(
     partitions_def=region_date_partitions,
+    backfill_policy=ONE_PARTITION_PER_RUN,
     deps=[embeddings, landcover_classifier],
     automation_condition=follows_upstream_partition(),
     group_name="heads",
@@ -317,6 +318,7 @@ def landcover_segmentation(
 
 @asset(
     partitions_def=region_date_partitions,
+    backfill_policy=ONE_PARTITION_PER_RUN,
     deps=[chips, landcover_segmentation],
     automation_condition=follows_upstream_partition(),
     group_name="heads",

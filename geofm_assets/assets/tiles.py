@@ -20,7 +20,7 @@ from geofm_assets.geo.mosaic import write_region_mosaic
 from geofm_assets.geo.previews import mosaic_preview
 from geofm_assets.geo.quality import check_mosaic_cog
 from geofm_assets.geo.regions import ChipGrid
-from geofm_assets.partitions import region_and_date, region_date_partitions
+from geofm_assets.partitions import ONE_PARTITION_PER_RUN, region_and_date, region_date_partitions
 from geofm_assets.resources.lake import LakeResource
 from geofm_assets.resources.stac import StacResource
 
@@ -41,6 +41,7 @@ def md_image(png: bytes, alt: str) -> MetadataValue:
 
 @asset(
     partitions_def=region_date_partitions,
+    backfill_policy=ONE_PARTITION_PER_RUN,
     group_name="ingest",
     kinds={"stac", "cog"},
     description=(

@@ -16,7 +16,7 @@ from geofm_assets.assets.embeddings import embeddings
 from geofm_assets.automation import follows_upstream_partition
 from geofm_assets.geo.geoparquet import read_json_metadata
 from geofm_assets.lake import EMBEDDINGS_TABLE
-from geofm_assets.partitions import region_and_date, region_date_partitions
+from geofm_assets.partitions import ONE_PARTITION_PER_RUN, region_and_date, region_date_partitions
 from geofm_assets.resources.lake import LakeResource
 from geofm_assets.resources.vector_store import VectorStoreResource
 from geofm_assets.search.records import records_from_embeddings
@@ -24,6 +24,7 @@ from geofm_assets.search.records import records_from_embeddings
 
 @asset(
     partitions_def=region_date_partitions,
+    backfill_policy=ONE_PARTITION_PER_RUN,
     automation_condition=follows_upstream_partition(),
     deps=[embeddings],
     group_name="search",
