@@ -1,6 +1,7 @@
 """Vector search options on clustered synthetic embeddings: build time, latency, recall, memory.
 
     .venv/bin/python bench/search.py [--sizes 100000[,1000000]] [--dims 768,1024] [--queries 500]
+        [--threads N] [--store-only]
 
 The data stands in for encoder embeddings of chips, which are neither uniform noise (where no
 index works) nor a few tight blobs (where every index looks perfect): 2000 clusters whose sizes
@@ -18,9 +19,12 @@ recall@10 >= 0.9, with exact re-ranking of the top R candidates read from a memo
 float32 file on disk, so RAM holds only the codes). Latency is one query at a time (the store's
 case), p50/p99 over the queries; bytes/vector is the serialized index over N, and the 10M
 projection scales the per-vector part and the coarse quantizer (nlist grows as sqrt N)
-separately. Then the same vectors go through ``FaissStore`` itself as partitions of 4 regions x
-6 dates, and a filtered search (one region, two dates) is timed. The last line is JSON.
-Nothing here asserts a time.
+separately. Then the same vectors go through ``FaissStore`` itself (default limits) as
+partitions of 4 regions x 6 dates, its ANN index built ahead with ``build_index``, and a
+filtered search (one region, two dates) is timed, with its recall@10 against an exact search of
+the subset and, while the subset is answered exactly, the store's old filtered path
+(``legacy_filtered``) on the same queries in the same process. ``--store-only`` runs only that
+part. The last line is JSON. Nothing here asserts a time.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ import faiss as _faiss
 import numpy as np
 
 from geofm_assets.search.base import SearchFilter, VectorRecord
-from geofm_assets.search.faiss_store import HNSW_EF_CONSTRUCTION, HNSW_M, FaissStore
+from geofm_assets.search.faiss_store import HNSW_EF_CONSTRUCTION, HNSW_M, FaissStore, _top_k
 
 faiss: Any = _faiss
 K = 10
@@ -119,11 +123,112 @@ def tune(set_param, search, values, queries, truth, target):
     return values[-1], tried
 
 
-def run(n: int, dim: int, n_queries: int, rerank: int) -> dict[str, Any]:
+def legacy_filtered(
+    store: FaissStore,
+    codes: np.ndarray,
+    days: np.ndarray,
+    vectors: np.ndarray,
+    q: np.ndarray,
+    flt: SearchFilter,
+) -> np.ndarray:
+    """The store's filtered exact path before 2026-11-25, reconstructed step by step on the same
+    vectors: re-list and stat every partition file (the cache check), an [N] mask from per-row
+    region codes and dates, a copy of the subset, a matrix-vector product, a top-k."""
+    store._partitions("bench")
+    mask = np.isin(codes, np.asarray([REGIONS.index(r) for r in flt.regions or ()], np.int32))
+    mask &= days >= np.datetime64(flt.date_from, "D")
+    mask &= days <= np.datetime64(flt.date_to, "D")
+    rows = np.flatnonzero(mask)
+    scores = vectors[rows] @ q  # [M]
+    return rows[_top_k(scores, K)]
+
+
+def through_store(base: np.ndarray, queries: np.ndarray) -> dict[str, Any]:
+    """The vectors written through ``FaissStore`` (default limits) as 4 regions x 6 dates of
+    partitions, its ANN index built ahead with ``build_index``, then single-query latency and
+    recall@10 of a search filtered to one region x two dates, against an exact search of the
+    subset; and the old filtered path (``legacy_filtered``) on the same queries when the subset
+    is answered exactly."""
+    n = base.shape[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        store = FaissStore(tmp)
+        cells = [(r, d) for r in REGIONS for d in DATES]
+        cell = np.arange(n) % len(cells)
+        t0 = time.perf_counter()
+        for j, (region, date) in enumerate(cells):
+            idx = np.flatnonzero(cell == j)
+            store.upsert_partition(
+                "bench",
+                region,
+                date,
+                [
+                    VectorRecord(f"c{i}", date, region, base[i], -63.0 + (i % 100) * 1e-3, -9.0)
+                    for i in idx.tolist()
+                ],
+            )
+        write_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        built = store.build_index("bench")  # load + ANN build (or read) + persist
+        index_s = time.perf_counter() - t0
+        loaded = store._load("bench")
+        assert loaded is not None
+        flt = SearchFilter(regions=(REGIONS[0],), date_from=DATES[1], date_to=DATES[2])
+        wanted = [j for j, (r, d) in enumerate(cells) if r == REGIONS[0] and DATES[1] <= d <= DATES[2]]
+        subset = np.flatnonzero(np.isin(cell, wanted))  # bench ids of the matching rows
+        sizes, times, times_all, found, truth = [], [], [], [], []
+        qs = queries[:200]
+        store.search("bench", qs[0], K, flt)  # warm-up
+        for q in qs:
+            t1 = time.perf_counter()
+            hits = store.search("bench", q, K, flt)
+            times.append(time.perf_counter() - t1)
+            sizes.append(len(hits))
+            found.append([int(h.chip_id[1:]) for h in hits])
+            truth.append(subset[np.argsort(-(base[subset] @ q))[:K]])
+            t1 = time.perf_counter()
+            store.search("bench", q, K)
+            times_all.append(time.perf_counter() - t1)
+        out: dict[str, Any] = {
+            "write_s": write_s,
+            "build_index_s": index_s,
+            "index": built["type"],
+            "p50_ms": float(np.percentile(np.asarray(times) * 1e3, 50)),
+            "p99_ms": float(np.percentile(np.asarray(times) * 1e3, 99)),
+            "recall": float(
+                np.mean([len(set(f) & set(t.tolist())) / K for f, t in zip(found, truth, strict=True)])
+            ),
+            "unfiltered_p50_ms": float(np.percentile(np.asarray(times_all) * 1e3, 50)),
+            "matching": int(subset.size),
+            "all_k": bool(min(sizes) == K),
+            "resident_bytes_per_vector": loaded.nbytes / n,
+        }
+        if subset.size <= store.exact_limit:
+            # the old path's per-row arrays, built once as its loader did
+            p = np.searchsorted(loaded.starts, np.arange(n), side="right") - 1
+            names = [loaded.region_names[c] for c in loaded.block_region.tolist()]
+            codes = np.asarray([REGIONS.index(r) for r in names], np.int32)[p]
+            days = loaded.block_date[p]
+            vectors = np.array(loaded.vectors)  # its own copy, as the old loader held
+            legacy_filtered(store, codes, days, vectors, qs[0], flt)
+            old = []
+            for q in qs:
+                t1 = time.perf_counter()
+                legacy_filtered(store, codes, days, vectors, q, flt)
+                old.append(time.perf_counter() - t1)
+            out["before_p50_ms"] = float(np.percentile(np.asarray(old) * 1e3, 50))
+            out["before_p99_ms"] = float(np.percentile(np.asarray(old) * 1e3, 99))
+    return out
+
+
+def run(n: int, dim: int, n_queries: int, rerank: int, store_only: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     base, queries, labels = clustered(n, dim, n_queries)
     gen_s = time.perf_counter() - t0
     rows: dict[str, Any] = {}
+    if store_only:
+        print(f"# {n} x {dim}: generated in {gen_s:.1f} s", flush=True)
+        rows["store_filtered"] = through_store(base, queries)
+        return {"n": n, "dim": dim, "own_cluster_share": None, "options": rows}
 
     # exact: the truth and the baseline
     t0 = time.perf_counter()
@@ -266,52 +371,26 @@ def run(n: int, dim: int, n_queries: int, rerank: int) -> dict[str, Any]:
         pq.reset()
         ivf.reset()
 
-    # through the store: partitions of regions x dates, a filtered search
-    with tempfile.TemporaryDirectory() as tmp:
-        # exact_limit=n: the store loads without building its ANN index (HNSW, minutes here);
-        # a filtered search matching <= 50k rows is answered exactly over the subset either way
-        store = FaissStore(tmp, exact_limit=n)
-        cells = [(r, d) for r in REGIONS for d in DATES]
-        cell = np.arange(n) % len(cells)
-        t0 = time.perf_counter()
-        for j, (region, date) in enumerate(cells):
-            idx = np.flatnonzero(cell == j)
-            store.upsert_partition(
-                "bench",
-                region,
-                date,
-                [
-                    VectorRecord(f"c{i}", date, region, base[i], -63.0 + (i % 100) * 1e-3, -9.0)
-                    for i in idx.tolist()
-                ],
-            )
-        write_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        store.search("bench", queries[0], K)  # loads the partitions and builds the ANN index
-        load_s = time.perf_counter() - t0
-        info = store.describe("bench")
-        flt = SearchFilter(regions=(REGIONS[0],), date_from=DATES[1], date_to=DATES[2])
-        n_match = store.count("bench", REGIONS[0], DATES[1]) + store.count("bench", REGIONS[0], DATES[2])
-        sizes, times, times_all = [], [], []
-        for q in queries[:200]:
-            t1 = time.perf_counter()
-            hits = store.search("bench", q, K, flt)
-            times.append(time.perf_counter() - t1)
-            sizes.append(len(hits))
-            t1 = time.perf_counter()
-            store.search("bench", q, K)
-            times_all.append(time.perf_counter() - t1)
-        rows["store_filtered"] = {
-            "write_s": write_s,
-            "load_and_index_s": load_s,
-            "index": info["index"]["type"],
-            "p50_ms": float(np.percentile(np.asarray(times) * 1e3, 50)),
-            "p99_ms": float(np.percentile(np.asarray(times) * 1e3, 99)),
-            "unfiltered_p50_ms": float(np.percentile(np.asarray(times_all) * 1e3, 50)),
-            "matching": n_match,
-            "all_k": bool(min(sizes) == K),
-        }
+    rows["store_filtered"] = through_store(base, queries)
     return {"n": n, "dim": dim, "own_cluster_share": own, "options": rows}
+
+
+def report_store(res: dict[str, Any]) -> None:
+    s = res["options"]["store_filtered"]
+    before = ""
+    if "before_p50_ms" in s:
+        before = (
+            f"; old path p50 {s['before_p50_ms']:.2f} ms, p99 {s['before_p99_ms']:.2f} ms "
+            f"({s['before_p50_ms'] / s['p50_ms']:.1f}x slower)"
+        )
+    print(
+        f"  store N={res['n']} D={res['dim']}: filtered p50 {s['p50_ms']:.2f} ms, p99 {s['p99_ms']:.2f} ms, "
+        f"recall@10 {s['recall']:.3f} over {s['matching']} matching (1 region x 2 dates), k every time: "
+        f"{s['all_k']}{before}; unfiltered p50 {s['unfiltered_p50_ms']:.2f} ms ({s['index']}); "
+        f"write {s['write_s']:.1f} s, build_index {s['build_index_s']:.1f} s; "
+        f"{s['resident_bytes_per_vector']:.0f} B/vector held",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -321,6 +400,7 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=500)
     p.add_argument("--threads", type=int, default=0, help="faiss OpenMP threads (0: faiss's default)")
     p.add_argument("--rerank", type=int, default=100, help="IVF-PQ candidates re-ranked exactly")
+    p.add_argument("--store-only", action="store_true", help="only the FaissStore rows (skip the options)")
     args = p.parse_args()
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
@@ -329,8 +409,11 @@ def main() -> None:
     results = []
     for n in (int(s) for s in args.sizes.split(",")):
         for dim in (int(d) for d in args.dims.split(",")):
-            res = run(n, dim, args.queries, args.rerank)
+            res = run(n, dim, args.queries, args.rerank, args.store_only)
             results.append(res)
+            report_store(res)
+            if args.store_only:
+                continue
             print(
                 f"{'N=' + str(n) + ' D=' + str(dim):18s} {'build s':>8s} {'p50 ms':>7s} {'p99 ms':>7s} "
                 f"{'recall@10':>9s} {'B/vec':>7s} {'p50 vs exact':>12s}  params"
@@ -350,14 +433,6 @@ def main() -> None:
                     f"{o['recall']:9.3f} {o['bytes_per_vector']:7.0f} {exact_p50 / o['p50_ms']:11.1f}x  "
                     f"{o['param']}{extra}"
                 )
-            s = res["options"]["store_filtered"]
-            print(
-                f"  store filtered   p50 {s['p50_ms']:.2f} ms, p99 {s['p99_ms']:.2f} ms over {s['matching']} "
-                f"matching of {n} (1 region x 2 dates), k results every time: {s['all_k']}; "
-                f"unfiltered p50 {s['unfiltered_p50_ms']:.2f} ms ({s['index']}); write {s['write_s']:.1f} s, "
-                f"load + index {s['load_and_index_s']:.1f} s",
-                flush=True,
-            )
     print(json.dumps({"device": where, "faiss": faiss.__version__, "results": results}, default=float))
 
 

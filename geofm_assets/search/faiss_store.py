@@ -3,6 +3,7 @@
 Layout under ``root`` (hive style, so DuckDB reads it directly)::
 
     model={quoted model}/region={quoted region}/date=YYYY-MM-DD/vectors.parquet
+    model={quoted model}/_changes                             # rewritten by every upsert
     model={quoted model}/_ann/index.faiss + manifest.json     # only past ``exact_limit`` vectors
 
 The Parquet files are the source of truth (columns chip_id, region, date, lon, lat, vector as a
@@ -10,24 +11,46 @@ fixed-size float32 list, L2-normalized; the original model name in the file meta
 and region names are percent-encoded (``hf:org/vit`` -> ``model=hf%3Aorg%2Fvit``), which is
 reversible and keeps names like ``clay-v1.5`` readable.
 
-Search loads all of a model's partitions (cached until any partition file changes) and runs
-an exact inner-product search while the model holds at most ``exact_limit`` vectors; beyond
-that an ANN index chosen by size: HNSW (M=32) up to ``hnsw_limit`` vectors, IVF-Flat beyond.
-The ANN index is persisted under ``_ann/`` with a manifest of the partition files it was
-built from, reused after a restart and rebuilt when they change. A filtered search whose
-matching subset is small, or for which the ANN returns fewer than k matching hits, is
-answered exactly over the subset: k results always come back when k vectors match.
+Search loads all of a model's partitions once into one contiguous float32 matrix [N D] whose
+rows follow the sorted partition paths, so each (region, date) partition is one contiguous
+block of rows and a region / date-range filter becomes a few row ranges: an exact filtered
+search is one matrix-vector product per range over views of the matrix (no mask over N rows,
+no copy of the subset) and an ``argpartition`` top-k. The loaded matrix is invalidated when a
+partition changes: an upsert through any ``FaissStore`` rewrites the model's ``_changes``
+marker, which every search checks with one ``stat``; the partition files themselves are
+re-listed at most every ``rescan_s`` seconds, so a change made to them by anything else is seen
+within that delay.
+
+Exact inner-product search while the model holds at most ``exact_limit`` vectors; beyond that
+an ANN index chosen by size: HNSW (M=32) up to ``hnsw_limit`` vectors, IVF-Flat beyond. The
+ANN index is persisted under ``_ann/`` with a manifest of the partition files it was built
+from, reused after a restart and rebuilt when they change. Building it takes minutes at 1M
+vectors (HNSW M=32, 768 dims: ~8 min on 2 cores), so call :meth:`FaissStore.build_index`
+after upserting; otherwise the first search after a change builds it inside that search
+(logged as a warning), or, with ``ann_in_background=True``, in a background thread while
+searches are answered exactly. A filtered search whose matching subset holds at most
+``exact_limit`` vectors, or for which the ANN returns fewer than k matching hits, is answered
+exactly over the subset: k results always come back when k vectors match.
+
+Memory, per loaded model of N vectors of D dims: the matrix, 4 D bytes a vector, plus ~100
+bytes for its chip id and coordinates; HNSW adds ~8 M = 256 bytes a vector (its graph) and
+shares the matrix (the store searches the index's own float32 storage); IVF-Flat keeps a
+second copy in its inverted lists (another 4 D bytes). 1M x 768: ~3.4 GB with HNSW. At most
+``max_models`` models are held (least recently searched dropped first).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import math
 import os
 import threading
+import time
 import uuid
 import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,9 +78,12 @@ from geofm_assets.search.base import (
 # faiss's bundled type stubs lack SearchParametersHNSW and the numpy-friendly constructors
 faiss: Any = _faiss
 
+log = logging.getLogger(__name__)
+
 PARTITION_FILE = "vectors.parquet"
 METADATA_KEY = b"geofm_search"
 ANN_DIR = "_ann"
+CHANGES_FILE = "_changes"
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 64
@@ -65,6 +91,8 @@ IVF_NPROBE = 32
 
 # (path relative to the model folder, mtime_ns, size, inode) of every partition file
 Fingerprint = tuple[tuple[str, int, int, int], ...]
+# (mtime_ns, size, inode) of the model's _changes marker, None while it does not exist
+Marker = tuple[int, int, int] | None
 
 
 def encode_name(name: str) -> str:
@@ -80,40 +108,127 @@ class _PartitionFile:
     key: tuple[str, int, int, int]
 
 
+@dataclass(frozen=True)
+class _Selection:
+    """The rows a filter lets through: sorted, disjoint row ranges minus excluded rows."""
+
+    ranges: np.ndarray  # [R 2] int64 (start, stop), ascending, disjoint, non-adjacent
+    excluded: np.ndarray  # [X] int64, sorted unique rows inside the ranges
+    count: int
+
+    def contains(self, rows: np.ndarray) -> np.ndarray:
+        """[C] bool: which of ``rows`` [C] the selection holds."""
+        r = np.searchsorted(self.ranges[:, 0], rows, side="right") - 1  # [C]
+        ok = (r >= 0) & (rows < self.ranges[np.maximum(r, 0), 1])
+        if self.excluded.size:
+            ok &= ~np.isin(rows, self.excluded)
+        return ok
+
+    def mask(self, n: int) -> np.ndarray:
+        """[n] bool."""
+        out = np.zeros(n, bool)
+        for start, stop in self.ranges.tolist():
+            out[start:stop] = True
+        out[self.excluded] = False
+        return out
+
+
 @dataclass
 class _Loaded:
-    """A model's vectors in memory, in the order of its sorted partition files; row = faiss id."""
+    """A model's vectors in memory, in the order of its sorted partition files (one contiguous
+    block of rows a partition); row = faiss id."""
 
     fingerprint: Fingerprint
-    vectors: np.ndarray  # [N D] float32, unit rows
+    marker: Marker
+    checked_at: float  # time.monotonic() of the last full check against the partition files
+    vectors: np.ndarray  # [N D] float32, unit rows, C-contiguous
     chip_ids: np.ndarray  # [N] object (str)
-    dates: np.ndarray  # [N] datetime64[D]
-    region_codes: np.ndarray  # [N] int32, into region_names
-    region_names: list[str]
     lon: np.ndarray  # [N] float64
     lat: np.ndarray  # [N] float64
+    starts: np.ndarray  # [P+1] int64: partition p holds rows starts[p]:starts[p+1]
+    block_region: np.ndarray  # [P] int32, into region_names
+    block_date: np.ndarray  # [P] datetime64[D]
+    region_names: list[str]
     ann: Any = None  # faiss.Index over all rows, when the model is past exact_limit
     ann_info: dict[str, Any] = field(default_factory=dict)
-    _rows: dict[tuple[str, dt.date], list[int]] | None = None
+    _chip_rows: dict[int, dict[str, int]] = field(default_factory=dict)  # per partition, lazily
 
     @property
     def size(self) -> int:
         return int(self.vectors.shape[0])
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held for this model: vectors, ids, coordinates and the ANN index."""
+        ids = sum(len(c) + 49 for c in self.chip_ids[: min(self.size, 1000)].tolist())
+        per_id = ids / max(1, min(self.size, 1000)) + 8
+        ann = 0
+        if self.ann is not None:  # HNSW: its graph (the vectors are shared); IVF-Flat: a second copy
+            hnsw = self.ann_info.get("type") == "hnsw_flat"
+            ann = self.size * 2 * HNSW_M * 4 if hnsw else self.vectors.nbytes
+        return int(self.vectors.nbytes + per_id * self.size + self.lon.nbytes + self.lat.nbytes + ann)
+
     def rows_of(self, chip_id: str, date: dt.date) -> list[int]:
-        if self._rows is None:
-            rows: dict[tuple[str, dt.date], list[int]] = {}
-            for i, (c, d) in enumerate(zip(self.chip_ids.tolist(), self.dates.tolist(), strict=True)):
-                rows.setdefault((c, d), []).append(i)
-            self._rows = rows
-        return self._rows.get((chip_id, date), [])
+        rows = []
+        for p in np.flatnonzero(self.block_date == np.datetime64(date, "D")).tolist():
+            lookup = self._chip_rows.get(p)
+            if lookup is None:
+                start, stop = int(self.starts[p]), int(self.starts[p + 1])
+                lookup = {c: start + i for i, c in enumerate(self.chip_ids[start:stop].tolist())}
+                self._chip_rows[p] = lookup
+            if chip_id in lookup:
+                rows.append(lookup[chip_id])
+        return rows
+
+    def select(self, flt: SearchFilter | None) -> _Selection | None:
+        """The rows ``flt`` lets through; None when it lets every row through."""
+        if flt is None or flt.is_empty():
+            return None
+        keep = np.ones(self.block_date.shape[0], bool)  # [P]
+        if flt.regions is not None:
+            wanted = [i for i, name in enumerate(self.region_names) if name in set(flt.regions)]
+            keep &= np.isin(self.block_region, np.asarray(wanted, np.int32))
+        if flt.date_from is not None:
+            keep &= self.block_date >= np.datetime64(flt.date_from, "D")
+        if flt.date_to is not None:
+            keep &= self.block_date <= np.datetime64(flt.date_to, "D")
+        blocks = np.flatnonzero(keep & (self.starts[1:] > self.starts[:-1]))  # [B] non-empty partitions
+        if blocks.size:
+            # merge partitions that follow one another into one range
+            first = np.concatenate([[True], blocks[1:] != blocks[:-1] + 1])  # [B]
+            last = np.concatenate([blocks[1:] != blocks[:-1] + 1, [True]])
+            ranges = np.stack([self.starts[blocks[first]], self.starts[blocks[last] + 1]], axis=1)
+        else:
+            ranges = np.zeros((0, 2), np.int64)
+        ranges = ranges.astype(np.int64)  # [R 2]
+        count = int((ranges[:, 1] - ranges[:, 0]).sum())
+        excluded = np.zeros(0, np.int64)
+        if flt.exclude and count:
+            rows = np.asarray(sorted({r for c, d in flt.exclude for r in self.rows_of(c, d)}), np.int64)
+            sel = _Selection(ranges, np.zeros(0, np.int64), count)
+            excluded = rows[sel.contains(rows)] if rows.size else rows
+        return _Selection(ranges, excluded, count - int(excluded.size))
 
     def hit(self, row: int, score: float) -> SearchHit:
+        p = int(np.searchsorted(self.starts, row, side="right")) - 1
         return SearchHit(
-            chip_id=str(self.chip_ids[row]), date=self.dates[row].item(),
-            region=self.region_names[int(self.region_codes[row])], score=float(score),
+            chip_id=str(self.chip_ids[row]), date=self.block_date[p].item(),
+            region=self.region_names[int(self.block_region[p])], score=float(score),
             lon=float(self.lon[row]), lat=float(self.lat[row]),
         )
+
+
+def _inner_products(block: np.ndarray, q: np.ndarray, out: np.ndarray) -> None:
+    """``out`` [M] = ``block`` [M D] @ ``q`` [D], on the calling thread: faiss's SIMD loop over a
+    contiguous block, not BLAS, whose worker threads cost more than this memory-bound product
+    (8k x 768 rows: ~1 ms on one core; ~16 ms through 2 OpenBLAS threads on a busy 2-core VM)."""
+    if not (block.flags.c_contiguous and block.dtype == np.float32 and q.flags.c_contiguous
+            and q.dtype == np.float32 and out.flags.c_contiguous and out.dtype == np.float32):
+        np.matmul(block, q, out=out)
+        return
+    if block.shape[0]:
+        faiss.fvec_inner_products_ny(faiss.swig_ptr(out), faiss.swig_ptr(q), faiss.swig_ptr(block),
+                                     block.shape[1], block.shape[0])
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -124,14 +239,28 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 class FaissStore(VectorStore):
+    """See the module docstring. ``exact_limit``: largest model (and largest filtered subset)
+    searched exactly; ``hnsw_limit``: largest model indexed with HNSW (IVF-Flat beyond);
+    ``rescan_s``: longest a change to the partition files made by anything but a ``FaissStore``
+    goes unseen; ``max_models``: models held in memory at once; ``ann_in_background``: build a
+    missing ANN index in a thread (searches answered exactly meanwhile) instead of inside the
+    search that finds it missing."""
+
     def __init__(
-        self, root: str | Path, exact_limit: int = 50_000, hnsw_limit: int = 2_000_000
+        self, root: str | Path, exact_limit: int = 50_000, hnsw_limit: int = 2_000_000,
+        rescan_s: float = 2.0, max_models: int = 2, ann_in_background: bool = False,
     ) -> None:
+        if max_models < 1:
+            raise StoreError(f"max_models must be at least 1, got {max_models}")
         self.root = Path(root)
         self.exact_limit = int(exact_limit)
         self.hnsw_limit = int(hnsw_limit)
-        self._cache: dict[str, _Loaded] = {}
+        self.rescan_s = float(rescan_s)
+        self.max_models = int(max_models)
+        self.ann_in_background = bool(ann_in_background)
+        self._cache: OrderedDict[str, _Loaded] = OrderedDict()
         self._lock = threading.RLock()
+        self._builders: dict[str, threading.Thread] = {}
 
     # -- layout -------------------------------------------------------------------------------
 
@@ -164,6 +293,24 @@ class FaissStore(VectorStore):
     def _fingerprint(parts: Sequence[_PartitionFile]) -> Fingerprint:
         return tuple(p.key for p in parts)
 
+    def _marker(self, model: str) -> Marker:
+        try:
+            st = (self.model_dir(model) / CHANGES_FILE).stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _mark_changed(self, model: str) -> None:
+        """Rewrite the model's ``_changes`` marker (atomically: a new inode every time)."""
+        marker = self.model_dir(model) / CHANGES_FILE
+        tmp = marker.with_name(f".{CHANGES_FILE}.{uuid.uuid4().hex}.tmp")
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(f"{dt.datetime.now(dt.UTC).isoformat()} {uuid.uuid4().hex}\n")
+            os.replace(tmp, marker)
+        finally:
+            tmp.unlink(missing_ok=True)
+
     # -- writing ------------------------------------------------------------------------------
 
     def upsert_partition(
@@ -175,7 +322,9 @@ class FaissStore(VectorStore):
             self._cache.pop(model, None)
             try:
                 if not records:
-                    path.unlink(missing_ok=True)
+                    if path.exists():
+                        path.unlink(missing_ok=True)
+                        self._mark_changed(model)
                     return 0
                 stored = self.dimension(model)
                 if stored is not None and stored != matrix.shape[1]:
@@ -188,6 +337,7 @@ class FaissStore(VectorStore):
                     os.replace(tmp, path)
                 finally:
                     tmp.unlink(missing_ok=True)
+                self._mark_changed(model)
             except OSError as exc:
                 raise StoreError(f"could not write {path} for model {model!r}: {exc}") from exc
         return len(records)
@@ -252,73 +402,94 @@ class FaissStore(VectorStore):
         return loaded.vectors[rows[0]].copy() if rows else None
 
     def _load(self, model: str) -> _Loaded | None:
-        """The model's vectors in memory (None when it has none), reloaded when any partition
-        file changed since the cached copy was read."""
+        """The model's vectors in memory (None when it has none): the cached copy while the
+        ``_changes`` marker is unchanged and the last full check is under ``rescan_s`` old,
+        else re-listed and re-read when any partition file changed."""
         with self._lock:
+            cached = self._cache.get(model)
+            marker = self._marker(model)
+            if (cached is not None and cached.marker == marker
+                    and time.monotonic() - cached.checked_at < self.rescan_s):
+                self._cache.move_to_end(model)
+                self._ensure_background_ann(model, cached)
+                return cached
             for _ in range(5):
+                marker = self._marker(model)  # before listing: a later change moves it again
+                checked_at = time.monotonic()
                 parts = self._partitions(model)
                 fingerprint = self._fingerprint(parts)
-                cached = self._cache.get(model)
                 if cached is not None and cached.fingerprint == fingerprint:
+                    cached.marker, cached.checked_at = marker, checked_at
+                    self._cache.move_to_end(model)
+                    self._ensure_background_ann(model, cached)
                     return cached
                 if not parts:
                     self._cache.pop(model, None)
                     return None
-                loaded = self._read_partitions(model, parts, fingerprint)
+                loaded = self._read_partitions(model, parts, fingerprint, marker, checked_at)
                 if self._fingerprint(self._partitions(model)) != fingerprint:
                     continue  # a partition changed while it was read: read again
+                self._cache.pop(model, None)  # the old copy can go before the index is built
                 if loaded.size > self.exact_limit:
-                    self._attach_ann(model, loaded)
+                    self._attach_ann(model, loaded, background=self.ann_in_background)
                 self._cache[model] = loaded
+                while len(self._cache) > self.max_models:
+                    self._cache.popitem(last=False)
                 return loaded
             raise StoreError(f"the partitions of model {model!r} keep changing while being read")
 
     def _read_partitions(
-        self, model: str, parts: Sequence[_PartitionFile], fingerprint: Fingerprint
+        self, model: str, parts: Sequence[_PartitionFile], fingerprint: Fingerprint, marker: Marker,
+        checked_at: float,
     ) -> _Loaded:
-        blocks: list[np.ndarray] = []
-        chip_ids: list[np.ndarray] = []
-        dates: list[np.ndarray] = []
-        codes: list[np.ndarray] = []
-        lon: list[np.ndarray] = []
-        lat: list[np.ndarray] = []
-        region_names: list[str] = []
-        region_index: dict[str, int] = {}
+        tables: list[pa.Table] = []
         dim: int | None = None
         for p in parts:
             try:
-                table = pq.read_table(p.path)
+                table = pq.read_table(p.path, columns=["chip_id", "lon", "lat", "vector"])
+                meta = json.loads((pq.read_schema(p.path).metadata or {}).get(METADATA_KEY, b"{}"))
             except (OSError, pa.ArrowException) as exc:
                 raise StoreError(f"cannot read vector partition {p.path}: {exc}") from exc
-            meta = json.loads((table.schema.metadata or {}).get(METADATA_KEY, b"{}"))
             if meta.get("model", model) != model:
                 raise StoreError(f"{p.path} holds model {meta.get('model')!r}, not {model!r}")
-            vcol = table.column("vector").combine_chunks()
-            if not isinstance(vcol.type, pa.FixedSizeListType):
-                raise StoreError(f"{p.path}: the vector column is {vcol.type}, not a fixed-size list")
-            d = int(vcol.type.list_size)
+            vtype = table.schema.field("vector").type
+            if not isinstance(vtype, pa.FixedSizeListType):
+                raise StoreError(f"{p.path}: the vector column is {vtype}, not a fixed-size list")
+            d = int(vtype.list_size)
             if dim is not None and d != dim:
                 raise StoreError(
                     f"model {model!r} holds vectors of dimensions {dim} and {d} ({p.path}): "
                     f"re-index that partition"
                 )
             dim = d
-            n = table.num_rows
-            blocks.append(vcol.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(n, d))
-            chip_ids.append(np.asarray(table.column("chip_id").to_pylist(), dtype=object))
-            dates.append(np.full(n, np.datetime64(p.date, "D")))
-            code = region_index.setdefault(p.region, len(region_names))
-            if code == len(region_names):
+            tables.append(table)
+        assert dim is not None
+        sizes = np.asarray([t.num_rows for t in tables], np.int64)  # [P]
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # [P+1]
+        n = int(starts[-1])
+        vectors = np.empty((n, dim), np.float32)  # [N D], filled partition by partition
+        chip_ids = np.empty(n, object)
+        lon = np.empty(n, np.float64)
+        lat = np.empty(n, np.float64)
+        for table, start, stop in zip(tables, starts[:-1].tolist(), starts[1:].tolist(), strict=True):
+            flat = table.column("vector").combine_chunks().flatten()
+            vectors[start:stop] = flat.to_numpy(zero_copy_only=False).reshape(stop - start, dim)
+            chip_ids[start:stop] = table.column("chip_id").to_pylist()
+            lon[start:stop] = table.column("lon").to_numpy()
+            lat[start:stop] = table.column("lat").to_numpy()
+        tables.clear()
+        region_names: list[str] = []
+        region_index: dict[str, int] = {}
+        for p in parts:
+            region_index.setdefault(p.region, len(region_index))
+            if len(region_names) < len(region_index):
                 region_names.append(p.region)
-            codes.append(np.full(n, code, np.int32))
-            lon.append(table.column("lon").to_numpy().astype(np.float64))
-            lat.append(table.column("lat").to_numpy().astype(np.float64))
         return _Loaded(
-            fingerprint=fingerprint,
-            vectors=np.ascontiguousarray(np.concatenate(blocks), dtype=np.float32),
-            chip_ids=np.concatenate(chip_ids), dates=np.concatenate(dates),
-            region_codes=np.concatenate(codes), region_names=region_names,
-            lon=np.concatenate(lon), lat=np.concatenate(lat),
+            fingerprint=fingerprint, marker=marker, checked_at=checked_at,
+            vectors=vectors, chip_ids=chip_ids, lon=lon, lat=lat, starts=starts,
+            block_region=np.asarray([region_index[p.region] for p in parts], np.int32),
+            block_date=np.asarray([np.datetime64(p.date, "D") for p in parts], "datetime64[D]"),
+            region_names=region_names,
         )
 
     # -- the ANN index ------------------------------------------------------------------------
@@ -332,6 +503,20 @@ class FaissStore(VectorStore):
                     "efConstruction": HNSW_EF_CONSTRUCTION, "efSearch": HNSW_EF_SEARCH}
         nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))  # faiss wants >= 39 training points a list
         return {"type": "ivf_flat", "metric": "inner_product", "nlist": nlist, "nprobe": IVF_NPROBE}
+
+    def build_index(self, model: str) -> dict[str, Any]:
+        """Load the model and make its ANN index current now (read when persisted and current,
+        else built and persisted): call it after upserting, so that no search has to. Returns
+        the index plan with ``reused`` / ``persisted`` and ``vectors``; ``{"type": "exact"}``
+        while the model is small enough to be searched exactly."""
+        with self._lock:
+            loaded = self._load(model)
+            if loaded is None:
+                raise nothing_indexed(model)
+            if loaded.size > self.exact_limit and loaded.ann is None:
+                self._attach_ann(model, loaded, background=False)
+            info = dict(loaded.ann_info) if loaded.ann is not None else self.index_plan(loaded.size)
+            return {**info, "vectors": loaded.size}
 
     def _ann_paths(self, model: str) -> tuple[Path, Path]:
         folder = self.model_dir(model) / ANN_DIR
@@ -350,25 +535,75 @@ class FaissStore(VectorStore):
             and [tuple(k) for k in manifest.get("built_from", [])] == list(fingerprint)
         )
 
-    def _attach_ann(self, model: str, loaded: _Loaded) -> None:
+    def _attach_ann(self, model: str, loaded: _Loaded, background: bool) -> None:
+        """Give ``loaded`` its ANN index: the persisted one when current (read here), else a new
+        one, built here (logged: minutes at 1M vectors) or, with ``background``, in a thread
+        while searches go exact."""
         plan = self.index_plan(loaded.size)
-        index_path, manifest_path = self._ann_paths(model)
-        index = None
+        index_path, _ = self._ann_paths(model)
         if self._manifest_matches(model, loaded.fingerprint, plan, loaded.size):
             try:
                 index = faiss.read_index(str(index_path))
             except RuntimeError:
                 index = None  # unreadable: rebuilt below
-            if index is not None and (index.ntotal != loaded.size or index.d != loaded.vectors.shape[1]):
-                index = None
-        reused = index is not None
-        if index is None:
-            index = self._build_ann(plan, loaded.vectors)
-        persisted = reused
-        if not reused:
-            persisted = self._persist_ann(model, index, plan, loaded, index_path, manifest_path)
+            if index is not None and index.ntotal == loaded.size and index.d == loaded.vectors.shape[1]:
+                self._install_ann(loaded, index, {**plan, "reused": True, "persisted": True})
+                return
+        if background:
+            running = self._builders.get(model)
+            if running is not None and running.is_alive():
+                return  # the thread building the previous version drops its result; next load retries
+            loaded.ann_info = {**plan, "state": "building in the background"}
+            thread = threading.Thread(target=self._build_in_background, args=(model, loaded, plan),
+                                      name=f"faiss-ann-{model}", daemon=True)
+            self._builders[model] = thread
+            thread.start()
+            return
+        log.warning("building the %s index of model %r over %d vectors now, inside this call (minutes at "
+                    "1M vectors); to keep builds out of searches call FaissStore.build_index after upserts",
+                    plan["type"], model, loaded.size)
+        self._finish_ann(model, loaded, plan)
+
+    def _ensure_background_ann(self, model: str, loaded: _Loaded) -> None:
+        """With ``ann_in_background``, start the build that an older, then still running build
+        kept from starting."""
+        if not self.ann_in_background or loaded.ann is not None or loaded.size <= self.exact_limit:
+            return
+        if str(loaded.ann_info.get("state", "")).startswith("build failed"):
+            return  # logged once; the next change to the partitions tries again
+        running = self._builders.get(model)
+        if running is None or not running.is_alive():
+            self._attach_ann(model, loaded, background=True)
+
+    def _build_in_background(self, model: str, loaded: _Loaded, plan: dict[str, Any]) -> None:
+        try:
+            self._finish_ann(model, loaded, plan)
+        except Exception as exc:  # reported and kept in ann_info; searches stay exact meanwhile
+            loaded.ann_info = {**plan, "state": f"build failed: {exc}"}
+            log.error("building the ANN index of model %r failed: %s", model, exc)
+
+    def _finish_ann(self, model: str, loaded: _Loaded, plan: dict[str, Any]) -> None:
+        index_path, manifest_path = self._ann_paths(model)
+        t0 = time.perf_counter()
+        index = self._build_ann(plan, loaded.vectors)
+        build_s = round(time.perf_counter() - t0, 2)
+        persisted = self._persist_ann(model, index, plan, loaded, index_path, manifest_path)
+        with self._lock:
+            self._install_ann(loaded, index, {**plan, "reused": False, "persisted": persisted,
+                                              "build_s": build_s})
+
+    @staticmethod
+    def _install_ann(loaded: _Loaded, index: Any, info: dict[str, Any]) -> None:
+        """Attach ``index``; with HNSW, search the index's own float32 storage instead of a
+        second copy of the vectors (same values, same row order)."""
+        if info["type"] == "hnsw_flat":
+            storage = faiss.downcast_index(index.storage)
+            view = faiss.rev_swig_ptr(storage.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+            if view.dtype == np.float32 and np.array_equal(view[:: max(1, index.ntotal // 64)],
+                                                           loaded.vectors[:: max(1, index.ntotal // 64)]):
+                loaded.vectors = view  # alive while loaded.ann holds the index
         loaded.ann = index
-        loaded.ann_info = {**plan, "reused": reused, "persisted": persisted}
+        loaded.ann_info = info
 
     @staticmethod
     def _build_ann(plan: dict[str, Any], vectors: np.ndarray) -> Any:
@@ -418,22 +653,6 @@ class FaissStore(VectorStore):
 
     # -- search -------------------------------------------------------------------------------
 
-    def _filter_mask(self, loaded: _Loaded, flt: SearchFilter | None) -> np.ndarray | None:
-        """[N] bool of the rows the filter lets through, None when it lets every row through."""
-        if flt is None or flt.is_empty():
-            return None
-        mask = np.ones(loaded.size, bool)
-        if flt.regions is not None:
-            wanted = [i for i, name in enumerate(loaded.region_names) if name in set(flt.regions)]
-            mask &= np.isin(loaded.region_codes, np.asarray(wanted, np.int32))
-        if flt.date_from is not None:
-            mask &= loaded.dates >= np.datetime64(flt.date_from, "D")
-        if flt.date_to is not None:
-            mask &= loaded.dates <= np.datetime64(flt.date_to, "D")
-        for chip_id, date in flt.exclude:
-            mask[loaded.rows_of(chip_id, date)] = False
-        return mask
-
     def search(
         self, model: str, vector: np.ndarray, k: int, filter: SearchFilter | None = None
     ) -> list[SearchHit]:
@@ -443,42 +662,52 @@ class FaissStore(VectorStore):
         if loaded is None:
             raise nothing_indexed(model)
         q = normalize_query(vector, model, int(loaded.vectors.shape[1]))  # [D]
-        mask = self._filter_mask(loaded, filter)
-        n_match = loaded.size if mask is None else int(mask.sum())
+        sel = loaded.select(filter)
+        n_match = loaded.size if sel is None else sel.count
         if n_match == 0:
             return []
         k = min(k, n_match)
         if loaded.ann is not None and n_match > self.exact_limit:
-            hits = self._ann_search(loaded, q, k, mask)
+            hits = self._ann_search(loaded, q, k, sel)
             if hits is not None:
                 return hits
-        return self._exact_search(loaded, q, k, mask)
+        return self._exact_search(loaded, q, k, sel)
 
     @staticmethod
-    def _exact_search(loaded: _Loaded, q: np.ndarray, k: int, mask: np.ndarray | None) -> list[SearchHit]:
-        if mask is None:
-            rows = None
-            scores = loaded.vectors @ q  # [N]
-        else:
-            rows = np.flatnonzero(mask)
-            scores = loaded.vectors[rows] @ q  # [M]
-        best = _top_k(scores, k)
-        ids = best if rows is None else rows[best]
-        return [loaded.hit(int(i), float(s)) for i, s in zip(ids, scores[best], strict=True)]
+    def _exact_search(loaded: _Loaded, q: np.ndarray, k: int, sel: _Selection | None) -> list[SearchHit]:
+        vectors = loaded.vectors
+        if sel is None:
+            scores = np.empty(vectors.shape[0], np.float32)  # [N]
+            _inner_products(vectors, q, scores)
+            best = _top_k(scores, k)
+            return [loaded.hit(int(i), float(scores[i])) for i in best]
+        lengths = sel.ranges[:, 1] - sel.ranges[:, 0]  # [R]
+        offsets = np.concatenate([[0], np.cumsum(lengths)])  # [R+1] position of each range in scores
+        scores = np.empty(int(offsets[-1]), np.float32)  # [M]
+        for (start, stop), at in zip(sel.ranges.tolist(), offsets[:-1].tolist(), strict=True):
+            _inner_products(vectors[start:stop], q, scores[at : at + stop - start])  # a view: no copy
+        if sel.excluded.size:
+            r = np.searchsorted(sel.ranges[:, 0], sel.excluded, side="right") - 1
+            scores[offsets[r] + sel.excluded - sel.ranges[r, 0]] = -np.inf  # never in the top k <= count
+        best = _top_k(scores, k)  # positions in scores
+        r = np.searchsorted(offsets, best, side="right") - 1
+        rows = sel.ranges[r, 0] + best - offsets[r]
+        return [loaded.hit(int(row), float(scores[b])) for row, b in zip(rows, best, strict=True)]
 
     @staticmethod
-    def _ann_search(
-        loaded: _Loaded, q: np.ndarray, k: int, mask: np.ndarray | None
-    ) -> list[SearchHit] | None:
+    def _ann_search(loaded: _Loaded, q: np.ndarray, k: int, sel: _Selection | None) -> list[SearchHit] | None:
         """ANN candidates (oversampled, restricted to the filter), re-checked and re-scored
         exactly; None when fewer than k matching candidates come back."""
-        n_match = loaded.size if mask is None else int(mask.sum())
-        fetch = min(n_match, k * (2 if mask is None else 4))
+        n_match = loaded.size if sel is None else sel.count
+        fetch = min(n_match, k * (2 if sel is None else 4))
         selector = None
         bitmap = None
-        if mask is not None:
-            bitmap = np.packbits(mask, bitorder="little")  # kept alive for the search
-            selector = faiss.IDSelectorBitmap(bitmap)
+        if sel is not None:
+            if sel.ranges.shape[0] == 1 and not sel.excluded.size:
+                selector = faiss.IDSelectorRange(int(sel.ranges[0, 0]), int(sel.ranges[0, 1]))
+            else:
+                bitmap = np.packbits(sel.mask(loaded.size), bitorder="little")  # kept alive for the search
+                selector = faiss.IDSelectorBitmap(bitmap)
         if loaded.ann_info["type"] == "hnsw_flat":
             params: Any = faiss.SearchParametersHNSW(sel=selector, efSearch=max(HNSW_EF_SEARCH, 2 * fetch))
         else:
@@ -486,8 +715,8 @@ class FaissStore(VectorStore):
         _, ids = loaded.ann.search(q[None, :], fetch, params=params)  # [1 fetch]
         del bitmap
         cand = ids[0][ids[0] >= 0]
-        if mask is not None:
-            cand = cand[mask[cand]]
+        if sel is not None:
+            cand = cand[sel.contains(cand)]
         cand = np.unique(cand)
         if cand.shape[0] < k:
             return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -302,3 +303,113 @@ def test_describe_reports_index_and_size(store: FaissStore) -> None:
     huge = FaissStore(store.root, exact_limit=10, hnsw_limit=100)
     plan = huge.describe(MODEL)["index"]
     assert plan["type"] == "ivf_flat" and plan["nprobe"] == 32
+
+
+@pytest.mark.parametrize("exact_limit", [50_000, 100], ids=["exact", "ann"])
+def test_filter_over_several_row_ranges_with_exclusions(tmp_path: Path, exact_limit: int) -> None:
+    store = FaissStore(tmp_path / "vi", exact_limit=exact_limit)
+    written = fill(store)
+    loaded = store._load(MODEL)
+    assert loaded is not None
+    two = SearchFilter(regions=("alps",), date_from=DATES[1], date_to=DATES[2])
+    sel = loaded.select(two)
+    assert sel is not None and sel.ranges.shape == (1, 2)  # adjacent partitions merge into one range
+    one_date = SearchFilter(date_from=DATES[2], date_to=DATES[2])
+    gap = loaded.select(one_date)
+    assert gap is not None and gap.ranges.shape[0] == 2  # same date, two regions: not adjacent
+    q = queries(1, seed=3)[0]
+    first = brute_force(written, q, one_date)
+    excluded = ((first[0][0], first[0][1]), (first[5][0], first[5][1]),
+                (written[("alps", DATES[0])][0].chip_id, DATES[0]))  # the last is outside the filter
+    flt = SearchFilter(date_from=DATES[2], date_to=DATES[2], exclude=excluded)
+    n_match = len(written[("alps", DATES[2])]) + len(written[("delta", DATES[2])]) - 2
+    expected = brute_force(written, q, flt)
+    assert len(expected) == n_match
+    hits = store.search(MODEL, q, 10_000, flt)
+    assert len(hits) == n_match  # every matching vector, none of the excluded
+    assert [(h.chip_id, h.date, h.region) for h in hits] == [e[:3] for e in expected]
+    np.testing.assert_allclose([h.score for h in hits], [e[3] for e in expected], atol=1e-5)
+    top = store.search(MODEL, q, 10, flt)
+    assert {(h.chip_id, h.date) for h in top} == {e[:2] for e in expected[:10]}
+    assert store.search(MODEL, q, 5, SearchFilter(regions=("nowhere",))) == []
+
+
+def test_changes_by_other_writers_are_seen(tmp_path: Path) -> None:
+    writer = FaissStore(tmp_path / "vi")
+    written = fill(writer)
+    slow = FaissStore(tmp_path / "vi", rescan_s=3600.0)
+    prompt = FaissStore(tmp_path / "vi", rescan_s=0.0)
+    key = ("delta", DATES[0])
+    q = written[key][0].vector
+    first = written[key][0].chip_id
+    assert slow.search(MODEL, q, 1)[0].chip_id == prompt.search(MODEL, q, 1)[0].chip_id == first
+    # an upsert through any FaissStore rewrites the _changes marker: seen at once by every reader
+    writer.upsert_partition(MODEL, *key, written[key][1:])
+    assert (writer.model_dir(MODEL) / "_changes").exists()
+    assert slow.search(MODEL, q, 1)[0].chip_id != written[key][0].chip_id
+    # a file removed behind the store's back: seen on the next full listing (rescan_s)
+    writer.partition_path(MODEL, *key).unlink()
+    remaining = sum(len(v) for k, v in written.items() if k != key)
+    assert len(prompt.search(MODEL, q, 10_000)) == remaining
+    assert len(slow.search(MODEL, q, 10_000)) == remaining + len(written[key]) - 1  # still cached
+    slow.rescan_s = 0.0
+    assert len(slow.search(MODEL, q, 10_000)) == remaining
+
+
+def test_build_index_ahead_and_memory_shared(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    records = partition_records("alps", DATES[0], 300, seed=1)
+    FaissStore(tmp_path / "vi").upsert_partition(MODEL, "alps", DATES[0], records)
+    store = FaissStore(tmp_path / "vi", exact_limit=100)
+    with caplog.at_level("WARNING", logger="geofm_assets.search.faiss_store"):
+        info = store.build_index(MODEL)
+    assert info["type"] == "hnsw_flat" and info["vectors"] == 300 and info["persisted"] is True
+    assert "inside this call" in caplog.text  # a build is never silent
+    loaded = store._load(MODEL)
+    assert loaded is not None and loaded.ann is not None
+    assert not loaded.vectors.flags.owndata  # searched in the HNSW's own storage, not a copy
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="geofm_assets.search.faiss_store"):
+        fresh = FaissStore(tmp_path / "vi", exact_limit=100)
+        fresh.search(MODEL, queries(1)[0], 5)
+        assert fresh.build_index(MODEL)["reused"] is True
+    assert caplog.text == ""  # read from disk, not built in the search
+    assert FaissStore(tmp_path / "vi").build_index(MODEL) == {"type": "exact", "metric": "inner_product",
+                                                              "vectors": 300}
+    with pytest.raises(StoreError, match="nothing is indexed for model 'other'"):
+        store.build_index("other")
+
+
+def test_background_build_answers_exactly_meanwhile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    exact = FaissStore(tmp_path / "vi")
+    fill(exact, sizes=(100, 90, 80))
+    release = threading.Event()
+    build = FaissStore._build_ann
+
+    def held_build(plan: dict, vectors: np.ndarray) -> object:
+        assert release.wait(30)
+        return build(plan, vectors)
+
+    monkeypatch.setattr(FaissStore, "_build_ann", staticmethod(held_build))
+    store = FaissStore(tmp_path / "vi", exact_limit=100, ann_in_background=True)
+    q = queries(1)[0]
+    hits = store.search(MODEL, q, 10)  # returns while the index is being built
+    loaded = store._load(MODEL)
+    assert loaded is not None and loaded.ann is None
+    assert loaded.ann_info["state"] == "building in the background"
+    assert hits == exact.search(MODEL, q, 10)  # answered exactly meanwhile
+    release.set()
+    store._builders[MODEL].join(30)
+    assert loaded.ann is not None and loaded.ann_info["reused"] is False
+    assert len(store.search(MODEL, q, 10)) == 10
+
+
+def test_at_most_max_models_are_held(tmp_path: Path) -> None:
+    store = FaissStore(tmp_path / "vi", max_models=2)
+    for model in ("a", "b", "c"):
+        fill(store, model=model, sizes=(10,))
+        store.search(model, queries(1)[0], 3)
+    assert list(store._cache) == ["b", "c"]
+    store.search("b", queries(1)[0], 3)
+    assert list(store._cache) == ["c", "b"]  # least recently searched first out
+    with pytest.raises(StoreError, match="max_models"):
+        FaissStore(tmp_path / "vi", max_models=0)
