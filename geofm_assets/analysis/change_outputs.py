@@ -11,7 +11,6 @@ globs ``change_maps/region=*/*.parquet``).
 from __future__ import annotations
 
 import datetime as dt
-import io
 import json
 import math
 from dataclasses import dataclass
@@ -23,7 +22,6 @@ import pyarrow as pa
 import rasterio
 import shapely
 from affine import Affine
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize
 from matplotlib.dates import date2num
 from matplotlib.figure import Figure
@@ -32,6 +30,7 @@ from shapely.geometry import mapping
 
 from geofm_assets.analysis.change import STATUS_OK, ChangeResult, harmonic_design
 from geofm_assets.geo.geoparquet import write_geoparquet
+from geofm_assets.geo.previews import figure_png
 from geofm_assets.geo.regions import ChipGrid
 
 CHANGE_TABLE = "change_maps.parquet"
@@ -202,11 +201,7 @@ def write_cell_cog(result: ChangeResult, grid: ChipGrid, meta: dict[str, Any], p
                         dates=",".join(meta["dates"]), chips_changed=str(meta["chips_changed"]))
 
 
-def figure_png(fig: Figure) -> bytes:
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    return buf.getvalue()
+PLOT_DPI = 90
 
 
 def map_png(records: list[dict[str, Any]], grid: ChipGrid, meta: dict[str, Any],
@@ -245,7 +240,7 @@ def map_png(records: list[dict[str, Any]], grid: ChipGrid, meta: dict[str, Any],
     ax.set_yticks(range(grid.n_rows))
     ax.set_xlabel("chip column")
     ax.set_ylabel("chip row")
-    return figure_png(fig)
+    return figure_png(fig, PLOT_DPI)
 
 
 def series_plot_png(result: ChangeResult, i: int) -> bytes:
@@ -288,7 +283,7 @@ def series_plot_png(result: ChangeResult, i: int) -> bytes:
     ax.legend(fontsize=6, loc="upper left", ncol=3)
     fig.autofmt_xdate()
     fig.tight_layout()
-    return figure_png(fig)
+    return figure_png(fig, PLOT_DPI)
 
 
 def score_plot_png(result: ChangeResult, top: np.ndarray) -> bytes:
@@ -308,7 +303,7 @@ def score_plot_png(result: ChangeResult, top: np.ndarray) -> bytes:
     ax.set_title(f"{result.region}: {result.params['before']} -> {result.params['after']}", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return figure_png(fig)
+    return figure_png(fig, PLOT_DPI)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ has more vectors than ``tsne_max_points``, on the vectors first reduced to at mo
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +20,7 @@ from sklearn.manifold import TSNE
 from threadpoolctl import threadpool_limits
 
 from geofm_assets.analysis.series import RegionSeries, as_dates
+from geofm_assets.geo.previews import figure_png
 
 PROJECTIONS_TABLE = "projections.parquet"
 PROJECTIONS_PLOT = "projections.png"
@@ -211,7 +211,6 @@ def projection_plot(projections: RegionProjections, dpi: int = 100) -> bytes | N
     """PNG: PC1 vs PC2 and the t-SNE map side by side, points coloured by date; None when the
     region has no vectors."""
     from matplotlib import dates as mdates
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     s = projections.series
@@ -219,7 +218,6 @@ def projection_plot(projections: RegionProjections, dpi: int = 100) -> bytes | N
         return None
     day = np.asarray(mdates.date2num(as_dates(s.dates[s.date_index])), np.float64)  # [M]
     fig = Figure(figsize=(11, 4.6), dpi=dpi, layout="constrained")
-    FigureCanvasAgg(fig)
     ax_pca, ax_tsne = fig.subplots(1, 2)
     norm = _date_norm(day)
     scatter = None
@@ -250,9 +248,7 @@ def projection_plot(projections: RegionProjections, dpi: int = 100) -> bytes | N
         bar.ax.yaxis.set_major_locator(mdates.AutoDateLocator())
         bar.ax.yaxis.set_major_formatter(mdates.DateFormatter("%Y-%m-%d"))
     fig.suptitle(f"{s.region}: {s.model} embeddings, {s.n_chips} chips x {s.n_dates} dates")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def _date_norm(day: np.ndarray) -> Any:

@@ -3,7 +3,6 @@ dates), detected by default on a 16 x 16 grid of cells inside each chip (the emb
 spatial features) and aggregated per chip, as a table, a GeoJSON grid, an intensity COG, a
 cell-resolution COG, a PNG map and time-series plots."""
 
-import base64
 import math
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ from geofm_assets.analysis.change_outputs import (
 )
 from geofm_assets.analysis.series import RegionSeries, RegionSpatial, load_region_series, load_region_spatial
 from geofm_assets.assets.embeddings import embeddings
-from geofm_assets.assets.tiles import md_image
+from geofm_assets.assets.tiles import md_image, png_markdown
 from geofm_assets.automation import follows_new_dates_of_region
 from geofm_assets.geo.regions import ChipGrid
 from geofm_assets.lake import checked_date
@@ -126,7 +125,7 @@ def run_change(series: RegionSeries, config: ChangeMapsConfig, spatial: RegionSp
 
 def images_md(pngs: dict[str, bytes]) -> MetadataValue:
     return MetadataValue.md("\n\n".join(
-        f"**{name}**\n\n![{name}](data:image/png;base64,{base64.b64encode(png).decode()})"
+        f"**{name}**\n\n{png_markdown(png, name)}"
         for name, png in pngs.items()
     ))
 

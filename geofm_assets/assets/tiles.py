@@ -35,8 +35,13 @@ def write_json(path: Path, doc: object) -> None:
     os.replace(tmp, path)
 
 
+def png_markdown(png: bytes, alt: str) -> str:
+    """An inline markdown image (the UI shows it behind "Show Markdown")."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
 def md_image(png: bytes, alt: str) -> MetadataValue:
-    return MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
+    return MetadataValue.md(png_markdown(png, alt))
 
 
 @asset(

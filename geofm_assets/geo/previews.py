@@ -1,10 +1,12 @@
-"""Small PNG previews for the Dagster UI: a mosaic's RGB and a contact sheet of chips."""
+"""Small PNG previews for the Dagster UI: a mosaic's RGB, a contact sheet of chips, and any
+matplotlib figure (``figure_png``)."""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import rasterio
@@ -36,6 +38,16 @@ def contact_sheet(thumbnails: Sequence[Path], columns: int = 6, cell: int = 96) 
         sheet[r * (cell + 2) + 1 : r * (cell + 2) + 1 + cell,
               c * (cell + 2) + 1 : c * (cell + 2) + 1 + cell] = small
     return png_bytes(sheet)
+
+
+def figure_png(fig: Any, dpi: float | str = "figure") -> bytes:
+    """A matplotlib ``Figure`` as PNG bytes, drawn by Agg (no pyplot, no global backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:

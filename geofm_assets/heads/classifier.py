@@ -10,8 +10,6 @@ encoder it was trained on, and applied with numpy.
 from __future__ import annotations
 
 import datetime as dt
-import io
-import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -33,7 +31,13 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.neural_network import MLPClassifier
 from sklearn.preprocessing import StandardScaler
 
-from geofm_assets.heads.labels import HeadEncoderMismatch, check_same_encoder
+from geofm_assets.geo.previews import figure_png
+from geofm_assets.heads.labels import (
+    HeadEncoderMismatch,
+    check_same_encoder,
+    read_head_meta,
+    write_head_meta,
+)
 
 HeadKind = Literal["logistic", "mlp"]
 MODEL_FILE = "model.npz"
@@ -107,23 +111,15 @@ class ChipClassifier:
             "encoder": {"model": self.encoder[0], "checkpoint_digest": self.encoder[1]},
             **self.meta,
         }
-        tmp = folder / f".{META_FILE}.tmp"
-        tmp.write_text(json.dumps(doc, indent=1, default=str))
-        os.replace(tmp, meta_path)
+        write_head_meta(meta_path, doc)
         return model_path, meta_path
 
 
 def load_classifier(folder: Path) -> ChipClassifier:
     folder = Path(folder)
-    model_path, meta_path = folder / MODEL_FILE, folder / META_FILE
-    if not model_path.exists() or not meta_path.exists():
-        raise ClassifierError(f"no classifier in {folder} ({MODEL_FILE} and {META_FILE} expected): "
-                              "materialize landcover_classifier first")
-    doc = json.loads(meta_path.read_text())
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise ClassifierError(f"{meta_path} has format {doc.get('format_version')}, this code reads "
-                              f"{FORMAT_VERSION}: materialize landcover_classifier again")
-    with np.load(model_path) as z:
+    doc = read_head_meta(folder, MODEL_FILE, META_FILE, FORMAT_VERSION, "classifier",
+                         "landcover_classifier", ClassifierError)
+    with np.load(folder / MODEL_FILE) as z:
         n = int(doc["layers"])
         weights = [z[f"w{i}"] for i in range(n)]
         biases = [z[f"b{i}"] for i in range(n)]
@@ -296,13 +292,11 @@ def train_classifier(
 # --- plots -------------------------------------------------------------------------------------
 def confusion_matrix_png(confusion: np.ndarray, classes: Sequence[str], title: str = "") -> bytes:
     """A PNG of a confusion matrix [K K] (rows truth, columns prediction), counts in the cells."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     k = len(classes)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * k, 1.0 + 0.6 * k), dpi=100)
+    fig = Figure(figsize=(1.2 + 0.7 * k, 1.0 + 0.6 * k), dpi=100)
+    ax = fig.subplots()
     ax.imshow(confusion, cmap="Blues")
     ax.set_xticks(range(k), classes, rotation=45, ha="right")
     ax.set_yticks(range(k), classes)
@@ -316,10 +310,7 @@ def confusion_matrix_png(confusion: np.ndarray, classes: Sequence[str], title: s
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 __all__ = [

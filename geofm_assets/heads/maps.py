@@ -3,7 +3,6 @@ GeoJSON of per-chip predictions, and PNG previews with a legend."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -14,6 +13,8 @@ import rasterio
 import shapely
 from affine import Affine
 from shapely.geometry import mapping
+
+from geofm_assets.geo.previews import figure_png
 
 NODATA = 0  # class code of "no prediction" in every class raster
 
@@ -66,10 +67,7 @@ def write_class_cog(
 def class_map_png(codes: np.ndarray, class_table: Mapping[int, str], title: str = "",
                   max_pixels: int = 1024) -> bytes:
     """An RGB class map [H W] of codes, NODATA white, with a legend of the classes it shows."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
     step = max(1, int(np.ceil(max(codes.shape) / max_pixels)))
@@ -82,7 +80,8 @@ def class_map_png(codes: np.ndarray, class_table: Mapping[int, str], title: str 
     rgb_image = lut[small]
     h, w = small.shape
     fig_w = 3.0 + 4.0 * min(1.0, w / max(h, 1))
-    fig, ax = plt.subplots(figsize=(fig_w, 3.5), dpi=100)
+    fig = Figure(figsize=(fig_w, 3.5), dpi=100)
+    ax = fig.subplots()
     ax.imshow(rgb_image, interpolation="nearest")
     ax.set_axis_off()
     shown = [c for c in table if (small == c).any()]
@@ -97,10 +96,7 @@ def class_map_png(codes: np.ndarray, class_table: Mapping[int, str], title: str 
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def write_predictions_geojson(
