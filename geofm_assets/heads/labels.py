@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,29 @@ def check_same_encoder(what: str, trained: tuple[str, str], given: tuple[str, st
             f"{given[0]} (checkpoint {given[1]}); a head only works with the encoder it was trained "
             f"on: retrain it on {given[0]}, or embed with {trained[0]}"
         )
+
+
+def write_head_meta(path: Path, doc: Mapping[str, Any]) -> None:
+    """A head's JSON description at ``path``, written to a temporary name and renamed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def read_head_meta(folder: Path, weights_file: str, meta_file: str, format_version: int, what: str,
+                   asset: str, error: type[Exception]) -> dict[str, Any]:
+    """The JSON description of the head saved in ``folder`` (beside ``weights_file``), after
+    checking both files are there and the format is the one this code reads; ``error`` names
+    ``what`` is missing and the ``asset`` to materialize."""
+    weights, meta = folder / weights_file, folder / meta_file
+    if not weights.exists() or not meta.exists():
+        raise error(f"no {what} in {folder} ({weights_file} and {meta_file} expected): "
+                    f"materialize {asset} first")
+    doc: dict[str, Any] = json.loads(meta.read_text())
+    if doc.get("format_version") != format_version:
+        raise error(f"{meta} has format {doc.get('format_version')}, this code reads "
+                    f"{format_version}: materialize {asset} again")
+    return doc
 
 
 # --- chip observations ------------------------------------------------------------------------

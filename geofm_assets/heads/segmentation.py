@@ -16,7 +16,6 @@ gradients; the encoder is never trained).
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 import os
 import time
@@ -30,7 +29,14 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from geofm_assets.heads.labels import IGNORE, LabelError, LandcoverTruth, check_same_encoder
+from geofm_assets.heads.labels import (
+    IGNORE,
+    LabelError,
+    LandcoverTruth,
+    check_same_encoder,
+    read_head_meta,
+    write_head_meta,
+)
 from geofm_assets.lake import CHIPS_TABLE, checked_segment
 from geofm_assets.models.base import Encoder
 from geofm_assets.models.datacube import Datacube, make_datacube
@@ -242,22 +248,15 @@ class SegmentationHead:
             "in_dim": self.decoder.in_dim, "grid": self.grid, "upscale": self.decoder.upscale,
             "hidden": self.decoder.hidden, **self.meta,
         }
-        tmp = folder / f".{META_FILE}.tmp"
-        tmp.write_text(json.dumps(doc, indent=1, default=str))
-        os.replace(tmp, meta)
+        write_head_meta(meta, doc)
         return weights, meta
 
 
 def load_segmentation_head(folder: Path, device: str | torch.device = "cpu") -> SegmentationHead:
     folder = Path(folder)
-    weights, meta_path = folder / WEIGHTS_FILE, folder / META_FILE
-    if not weights.exists() or not meta_path.exists():
-        raise SegmentationError(f"no segmentation head in {folder} ({WEIGHTS_FILE} and {META_FILE} "
-                                "expected): materialize landcover_segmentation first")
-    doc = json.loads(meta_path.read_text())
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise SegmentationError(f"{meta_path} has format {doc.get('format_version')}, this code reads "
-                                f"{FORMAT_VERSION}: materialize landcover_segmentation again")
+    doc = read_head_meta(folder, WEIGHTS_FILE, META_FILE, FORMAT_VERSION, "segmentation head",
+                         "landcover_segmentation", SegmentationError)
+    weights = folder / WEIGHTS_FILE
     decoder = SegmentationDecoder(int(doc["in_dim"]), len(doc["classes"]), int(doc["upscale"]),
                                   int(doc["hidden"]))
     decoder.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
