@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 APP_DIR = Path(__file__).resolve().parent
 
@@ -115,19 +116,27 @@ class RangeFileHandler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def range_file_server(root: Path) -> Iterator[tuple[str, FileServerState]]:
-    """Serves ``root`` at ``http://127.0.0.1:<port>``; yields (base URL, state)."""
-    state = FileServerState(root.resolve())
-    server = ThreadingHTTPServer(("127.0.0.1", 0), RangeFileHandler)
+def serving(handler: type[BaseHTTPRequestHandler], state: Any) -> Iterator[str]:
+    """``handler`` on a free loopback port in a thread, ``state`` as ``server.state``; yields the
+    base URL and stops the server at the end."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     server.state = state  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", state
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextmanager
+def range_file_server(root: Path) -> Iterator[tuple[str, FileServerState]]:
+    """Serves ``root`` at ``http://127.0.0.1:<port>``; yields (base URL, state)."""
+    state = FileServerState(root.resolve())
+    with serving(RangeFileHandler, state) as url:
+        yield url, state
 
 
 def write_items_geoparquet(sample_root: Path, cog_base_url: str, out: Path,
@@ -242,16 +251,8 @@ class FlakyProxyHandler(BaseHTTPRequestHandler):
 @contextmanager
 def flaky_proxy(upstream: str, failures: int) -> Iterator[tuple[str, ProxyState]]:
     state = ProxyState(upstream, failures)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FlakyProxyHandler)
-    server.daemon_threads = True
-    server.state = state  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", state
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(FlakyProxyHandler, state) as url:
+        yield url, state
 
 
 @contextmanager
