@@ -20,6 +20,9 @@ class Encoder(ABC):
     name: str  # registry name, e.g. "clay-v1.5"
     dim: int  # embedding dimension
     checkpoint_digest: str  # sha256 of the checkpoint file, or a description of the weights
+    # True where ``embed_datacube`` takes ``pixels`` as a float32 tensor already on the encoder's
+    # device (the worker then uploads and normalizes the chips on the GPU); else numpy only.
+    accepts_device_pixels: bool = False
 
     @abstractmethod
     def embed_datacube(self, datacube: Datacube) -> np.ndarray:

@@ -503,6 +503,7 @@ class ClayEncoder(Encoder):
         name: str | None = None,
         device: str | torch.device = "cpu",
         cpu_bf16: bool = False,
+        compile: bool = False,
     ) -> None:
         self.config = model.config
         self.name = name or model.config.name
@@ -511,6 +512,10 @@ class ClayEncoder(Encoder):
         self.device = resolve_device(device)
         self.cpu_bf16 = cpu_bf16
         self.model = model.to(self.device).eval()
+        # torch.compile fuses the layer norms, casts, GELU and residual adds between the GEMMs;
+        # shapes are static (one compile per batch shape: the worker pads its last batch).
+        self.compiled = compile
+        self._net: Any = torch.compile(self.model, dynamic=False) if compile else self.model
 
     @classmethod
     def from_checkpoint(
@@ -521,6 +526,7 @@ class ClayEncoder(Encoder):
         *,
         name: str | None = None,
         cpu_bf16: bool = False,
+        compile: bool = False,
     ) -> ClayEncoder:
         """Load ``path`` strictly into a ``config`` encoder (see ``read_encoder_state_dict``)."""
         path = Path(path).expanduser()
@@ -531,15 +537,51 @@ class ClayEncoder(Encoder):
             model = ClayEncoderModel(config)
         check_fits(model, state, path, config)
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
-        return cls(model, checkpoint_digest=file_digest(path), name=name, device=device, cpu_bf16=cpu_bf16)
+        return cls(model, checkpoint_digest=file_digest(path), name=name, device=device, cpu_bf16=cpu_bf16,
+                   compile=compile)
+
+    # ``datacube["pixels"]`` may be a float32 tensor already on ``self.device`` (the worker
+    # uploads and normalizes on the GPU); it is used in place then.
+    accepts_device_pixels = True
 
     def embed_datacube(self, datacube: Datacube) -> np.ndarray:
-        """[B D] float32: the CLS token."""
-        return self.tokens(datacube)[:, 0].numpy()
+        """[B D] float32: the CLS token (only it leaves the device)."""
+        return self._forward(datacube)[:, 0].float().cpu().numpy()
 
     def patch_embeddings(self, datacube: Datacube) -> np.ndarray:
         """[B N D] float32: the patch tokens after the CLS token, N = (H/8)(W/8), row-major."""
         return self.tokens(datacube)[:, 1:].numpy()
+
+    def forward_pooled(
+        self, datacube: Datacube, grid: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """One forward pass, left on the device and not waited for: ``[B D]`` float32 CLS
+        embeddings; ``[B g g D]`` float16 patch tokens average-pooled from the h x w token grid
+        to ``grid`` x ``grid`` cells, row-major from the chip's north-west corner (None when
+        ``grid`` is 0); and a 0-d bool, True when every value of both is finite."""
+        tokens = self._forward(datacube)
+        emb = tokens[:, 0].float()
+        if not grid:
+            return emb, None, torch.isfinite(emb).all()
+        b, n_tokens, d = tokens.shape
+        p = self.config.patch_size
+        h, w = (int(s) // p for s in datacube["pixels"].shape[-2:])
+        if h * w != n_tokens - 1 or h % grid or w % grid:
+            raise EncoderError(
+                f"the {h} x {w} patch-token grid does not divide into {grid} x {grid} cells: choose a "
+                "spatial_grid that divides it (e.g. 16 or 8 for 256 px chips)"
+            )
+        # one reduction over each cell's tokens, accumulated in float32 (no upcast copy)
+        cells6 = tokens[:, 1:].reshape(b, grid, h // grid, grid, w // grid, d)
+        cells = cells6.mean(dim=(2, 4), dtype=torch.float32).to(torch.float16)  # [B g g D]
+        return emb, cells, torch.isfinite(emb).all() & torch.isfinite(cells).all()
+
+    def embed_and_pool(self, datacube: Datacube, grid: int) -> tuple[np.ndarray, np.ndarray]:
+        """``forward_pooled``'s embeddings and cells as numpy arrays, checked finite."""
+        emb, cells, finite = self.forward_pooled(datacube, grid)
+        if cells is None or not bool(finite):
+            raise EncoderError(f"{self.name} produced non-finite outputs (or grid 0: no cells)")
+        return emb.cpu().numpy(), cells.cpu().numpy()
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.device.type == "cuda":
@@ -577,10 +619,13 @@ class ClayEncoder(Encoder):
 
     def tokens(self, datacube: Datacube) -> torch.Tensor:
         """[B 1+L D] float32 on the CPU: the encoder output, CLS token first."""
+        return self._forward(datacube).float().cpu()
+
+    def _forward(self, datacube: Datacube) -> torch.Tensor:
+        """[B 1+L D] on ``self.device`` (bf16 under autocast): the encoder output."""
         pixels, time, latlon, gsd, waves = self._inputs(datacube)
         with torch.inference_mode(), self._autocast():
-            tokens = self.model(pixels, time, latlon, gsd, waves)  # [B 1+L D]
-        return tokens.float().cpu()
+            return self._net(pixels, time, latlon, gsd, waves)  # [B 1+L D]
 
 
 def build_clay_encoder(
@@ -590,6 +635,7 @@ def build_clay_encoder(
     checkpoint_dir: Path | str | None = None,
     *,
     cpu_bf16: bool = False,
+    compile: bool = False,
 ) -> ClayEncoder:
     """The ``name`` encoder ("clay-v1" or "clay-v1.5") with weights from ``checkpoint``, else
     from the published file name in ``checkpoint_dir`` (default ``$GEOFM_CHECKPOINT_DIR``, else
@@ -600,7 +646,7 @@ def build_clay_encoder(
     else:
         directory = default_checkpoint_dir() if checkpoint_dir is None else Path(checkpoint_dir).expanduser()
         path = directory / config.checkpoint_file
-    return ClayEncoder.from_checkpoint(path, config, device, name=name, cpu_bf16=cpu_bf16)
+    return ClayEncoder.from_checkpoint(path, config, device, name=name, cpu_bf16=cpu_bf16, compile=compile)
 
 
 def parameter_count(config: ClayConfig) -> int:

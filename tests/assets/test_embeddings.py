@@ -189,4 +189,83 @@ def test_worker_writes_spatial_features_and_clear_fractions_for_rcf_and_clay(
 def test_encoder_resource_passes_the_spatial_grid_to_the_worker():
     extras = EncoderResource(spatial_grid=8).worker_extras("/lake", "jamari", "2021-06-01")
     assert extras["spatial_grid"] == 8
-    assert EncoderResource().worker_extras("/lake", "jamari", "2021-06-01")["spatial_grid"] == 16
+    defaults = EncoderResource().worker_extras("/lake", "jamari", "2021-06-01")
+    assert (defaults["spatial_grid"], defaults["readers"], defaults["compile"]) == (16, -1, False)
+    extras = EncoderResource(readers=3, compile=True).worker_extras("/lake", "jamari", "2021-06-01")
+    assert (extras["readers"], extras["compile"]) == (3, True)
+
+
+@pytest.mark.slow  # ~15 s: a tiny Clay over one partition four ways, two reader processes
+def test_reader_processes_device_pooling_and_padding_give_the_same_outputs(
+    tiny_sample, instance, resources
+):
+    """The worker's paths agree: one reader thread vs reader processes, tokens pooled by the
+    encoder vs from the full token tensor, and a compiled encoder's padded last batch."""
+    import torch
+
+    from geofm_assets.models.clay import ClayConfig, ClayEncoder, ClayEncoderModel
+
+    date = first_clear_date(tiny_sample)
+    assert materialize([sentinel2_tiles, chips], instance=instance, resources=resources,
+                       partition_key=str(partition_key(date, "candeias"))).success
+    lake = Path(resources["lake"].root)
+    out = lake / f"embeddings/region=candeias/date={date}"
+    torch.manual_seed(0)
+    clay = ClayEncoder(ClayEncoderModel(ClayConfig(name="clay-tiny", dim=32, depth=1, heads=2, dim_head=16)),
+                       checkpoint_digest="test")
+
+    def run(**kwargs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        stats = embed_partition(lake, "candeias", date.isoformat(), clay, batch_size=3, spatial_grid=8,
+                                log=lambda _m: None, **kwargs)
+        assert stats.count >= 4, "the partition must span a partial last batch"
+        return (embedding_matrix(pq.read_table(out / "embeddings.parquet")),
+                np.load(out / "spatial.npy").astype(np.float32), np.load(out / "spatial_valid.npy"))
+
+    reference = run(readers=0, patch_embeddings=True)  # pooled on the CPU from all tokens
+    processes = run(readers=2)
+    clay.compiled = True  # as if compiled: batches padded to batch_size, rows sliced back
+    padded = run(readers=0)
+    clay.compiled = False
+    for got in (processes, padded):
+        np.testing.assert_allclose(got[0], reference[0], atol=1e-5)
+        np.testing.assert_allclose(got[1], reference[1], atol=2e-3)
+        np.testing.assert_array_equal(got[2], reference[2])
+
+
+def test_a_corrupt_datacube_in_a_reader_process_names_the_chip_and_writes_nothing(
+    tiny_sample, instance, resources
+):
+    from geofm_assets.models import build_encoder
+
+    date = first_clear_date(tiny_sample)
+    assert materialize([sentinel2_tiles, chips], instance=instance, resources=resources,
+                       partition_key=str(partition_key(date, "candeias"))).success
+    lake = Path(resources["lake"].root)
+    row = pq.read_table(lake / f"chips/region=candeias/date={date}/chips.parquet").to_pylist()[-1]
+    path = lake / row["datacube_path"]
+    path.write_bytes(path.read_bytes()[:2000])  # truncated
+    with pytest.raises(EmbeddingError, match=re.escape(row["chip_id"])):
+        embed_partition(lake, "candeias", date.isoformat(), build_encoder("rcf"), batch_size=2,
+                        readers=2, log=lambda _m: None)
+    assert not (lake / f"embeddings/region=candeias/date={date}").exists()
+
+
+def test_a_clay_encoder_giving_nan_fails_the_batch_naming_its_chips(tiny_sample, instance, resources):
+    import torch
+
+    from geofm_assets.models.clay import ClayConfig, ClayEncoder, ClayEncoderModel
+
+    date = first_clear_date(tiny_sample)
+    assert materialize([sentinel2_tiles, chips], instance=instance, resources=resources,
+                       partition_key=str(partition_key(date, "candeias"))).success
+    lake = Path(resources["lake"].root)
+    model = ClayEncoderModel(ClayConfig(name="clay-tiny", dim=32, depth=1, heads=2, dim_head=16))
+    with torch.no_grad():
+        model.cls_token.fill_(float("nan"))
+    clay = ClayEncoder(model, checkpoint_digest="test")
+    first = pq.read_table(lake / f"chips/region=candeias/date={date}/chips.parquet")["chip_id"][0].as_py()
+    for grid in (8, 0):  # the pooled path and the embeddings-only path
+        with pytest.raises(EmbeddingError, match=re.escape(first)):
+            embed_partition(lake, "candeias", date.isoformat(), clay, batch_size=3, spatial_grid=grid,
+                            log=lambda _m: None)
+    assert not (lake / f"embeddings/region=candeias/date={date}").exists()

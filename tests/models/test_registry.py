@@ -37,9 +37,9 @@ def clay_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     calls: list[dict[str, Any]] = []
 
     def build_clay_encoder(name: str, checkpoint: Path | None = None, device: str = "cpu",
-                           checkpoint_dir: Path | None = None) -> Encoder:
+                           checkpoint_dir: Path | None = None, compile: bool = False) -> Encoder:
         calls.append({"name": name, "checkpoint": checkpoint, "device": device,
-                      "checkpoint_dir": checkpoint_dir})
+                      "checkpoint_dir": checkpoint_dir, "compile": compile})
         return StandInEncoder(name, 768 if name == "clay-v1" else 1024)
 
     module = types.ModuleType("geofm_assets.models.clay")
@@ -84,15 +84,21 @@ def test_clay_names_route_to_clay(clay_calls: list[dict[str, Any]], name: str, d
                         checkpoint_dir=tmp_path)
     assert (enc.name, enc.dim) == (name, dim)
     assert clay_calls == [{"name": name, "checkpoint": tmp_path / "clay.ckpt", "device": "cuda:0",
-                           "checkpoint_dir": tmp_path}]
-    build_encoder(name)
+                           "checkpoint_dir": tmp_path, "compile": False}]
+    build_encoder(name, compile=True)
     assert clay_calls[1] == {"name": name, "checkpoint": None, "device": "cpu",
-                             "checkpoint_dir": None}
+                             "checkpoint_dir": None, "compile": True}
 
 
 def test_rcf_does_not_build_clay(clay_calls: list[dict[str, Any]]) -> None:
     build_encoder("rcf")
     assert clay_calls == []
+
+
+@pytest.mark.parametrize("name", ["rcf", "hf:/nowhere"])
+def test_compile_is_refused_for_encoders_other_than_clay(name: str) -> None:
+    with pytest.raises(EncoderError, match="compile applies to the clay-"):
+        build_encoder(name, compile=True)
 
 
 def test_a_missing_clay_checkpoint_is_an_encoder_error(tmp_path: Path) -> None:
