@@ -18,6 +18,9 @@ from geofm_assets import paths
 # The per-partition (region x date) ingest and embedding assets: `geofm materialize`'s default.
 MATERIALIZABLE = ("sentinel2_tiles", "chips", "embeddings", "vector_index")
 # Runs still log everything to the instance (the UI shows it); the terminal gets warnings only.
+# The run tags with which Dagster's backfills give a run a range of partition keys
+RANGE_START_TAG = "dagster/asset_partition_range_start"
+RANGE_END_TAG = "dagster/asset_partition_range_end"
 QUIET_CONSOLE = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
@@ -82,8 +85,10 @@ def cmd_dates(args: argparse.Namespace) -> int:
 def materialize_partitions(
     regions: Sequence[str], dates: Sequence[str], select: Sequence[str], instance=None
 ) -> list[dict[str, Any]]:
-    """Materialize ``select`` for every region x date, one run per partition, on the
-    instance in ``DAGSTER_HOME``. Returns one summary row per partition."""
+    """Materialize ``select`` for every region x date on the instance in ``DAGSTER_HOME``,
+    split into runs as a backfill would: one run per partition for the assets that run so
+    (tiles, chips, the maps), one run per region and block of dates for the batched ones
+    (embeddings, vector_index). Returns one summary row per partition."""
     from dagster import materialize
 
     from geofm_assets import definitions
@@ -109,30 +114,87 @@ def materialize_partitions(
         raise ValueError(f"cannot select {unknown} per region x date; choose from {', '.join(by_name)}")
     assets = [by_name[s] for s in select]
     resources = definitions.resources_for(os.environ.get("GEOFM_ENV", "local"))
-    rows = []
-    for d in dates:
+    rows: dict[tuple[str, str], dict[str, Any]] = {
+        (d, r): {"date": d, "region": r, "success": True, "seconds": 0.0} for d in dates for r in regions}
+
+    def note(row: dict[str, Any], result: Any, key: str | None) -> None:
+        for event in result.get_asset_materialization_events():
+            mat = event.step_materialization_data.materialization
+            if key is not None and mat.partition is not None and mat.partition != key:
+                continue
+            md = {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
+            if mat.asset_key.to_user_string() == "chips":
+                row.update(status=md.get("status"), kept=md.get("chips_kept"),
+                           dropped=md.get("chips_dropped"))
+            if mat.asset_key.to_user_string() == "embeddings":
+                row.update(vectors=md.get("count"), model=md.get("model"))
+
+    for batched, group in policy_groups(assets):
+        names = ", ".join(a.key.to_user_string() for a in group)
+        if not batched:  # one run per partition, as backfills run these
+            for d in dates:
+                for r in regions:
+                    row, t0 = rows[(d, r)], time.perf_counter()
+                    result = materialize(group, instance=instance, partition_key=str(partition_key(d, r)),
+                                         resources=resources, raise_on_error=False, run_config=QUIET_CONSOLE)
+                    row["seconds"] = round(row["seconds"] + time.perf_counter() - t0, 1)
+                    row["success"] = row["success"] and result.success
+                    note(row, result, None)
+                    vectors = f" vectors={row['vectors']}" if "vectors" in row else ""
+                    print(f"  {'ok ' if result.success else 'FAILED'} {names} {d}|{r}: "
+                          f"{row.get('status', '')} kept={row.get('kept', '-')} "
+                          f"dropped={row.get('dropped', '-')}{vectors} ({time.perf_counter() - t0:.1f} s)",
+                          flush=True)
+            continue
+        # one run per region and contiguous block of dates, as backfills run these
+        order = list(instance.get_dynamic_partitions(DATE_PARTITIONS_NAME))
         for r in regions:
-            t0 = time.perf_counter()
-            result = materialize(
-                assets, instance=instance, partition_key=str(partition_key(d, r)),
-                resources=resources, raise_on_error=False, run_config=QUIET_CONSOLE,
-            )
-            row: dict[str, Any] = {"date": d, "region": r, "success": result.success,
-                                      "seconds": round(time.perf_counter() - t0, 1)}
-            for event in result.get_asset_materialization_events():
-                mat = event.step_materialization_data.materialization
-                md = {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
-                if mat.asset_key.to_user_string() == "chips":
-                    row.update(status=md.get("status"), kept=md.get("chips_kept"),
-                               dropped=md.get("chips_dropped"))
-                if mat.asset_key.to_user_string() == "embeddings":
-                    row.update(vectors=md.get("count"), model=md.get("model"))
-            rows.append(row)
-            status = "ok " if result.success else "FAILED"
-            vectors = f" vectors={row['vectors']}" if "vectors" in row else ""
-            print(f"  {status} {d}|{r}: {row.get('status', '')} kept={row.get('kept', '-')} "
-                  f"dropped={row.get('dropped', '-')}{vectors} ({row['seconds']} s)", flush=True)
-    return rows
+            for block in contiguous_blocks(dates, order):
+                t0 = time.perf_counter()
+                first, last = str(partition_key(block[0], r)), str(partition_key(block[-1], r))
+                result = materialize(group, instance=instance, resources=resources, raise_on_error=False,
+                                     run_config=QUIET_CONSOLE,
+                                     tags={RANGE_START_TAG: first, RANGE_END_TAG: last})
+                done = {event.step_materialization_data.materialization.partition
+                        for event in result.get_asset_materialization_events()}
+                for d in block:
+                    row, key = rows[(d, r)], str(partition_key(d, r))
+                    note(row, result, key)
+                    row["success"] = row["success"] and (result.success or (key in done and len(group) == 1))
+                    row["seconds"] = round(row["seconds"] + (time.perf_counter() - t0) / len(block), 1)
+                print(f"  {'ok ' if result.success else 'FAILED'} {names} {block[0]}..{block[-1]}|{r}: "
+                      f"{len(block)} partitions in one run ({time.perf_counter() - t0:.1f} s)", flush=True)
+    return list(rows.values())
+
+
+def policy_groups(assets: Sequence[Any]) -> list[tuple[bool, list[Any]]]:
+    """``assets`` (in dependency order) in consecutive groups of one backfill policy, each
+    marked batched (several partitions a run) or not, as backfills would split them into runs."""
+    from geofm_assets.partitions import ONE_PARTITION_PER_RUN
+
+    groups: list[tuple[bool, list[Any]]] = []
+    last = None
+    for asset in assets:
+        policy = asset.backfill_policy
+        if groups and policy == last:
+            groups[-1][1].append(asset)
+        else:
+            groups.append((policy not in (None, ONE_PARTITION_PER_RUN), [asset]))
+        last = policy
+    return groups
+
+
+def contiguous_blocks(dates: Sequence[str], order: Sequence[str]) -> list[list[str]]:
+    """``dates`` split into runs that are contiguous in ``order`` (the dynamic partition's
+    order, in which Dagster reads a key range), each in that order."""
+    position = {d: i for i, d in enumerate(order)}
+    blocks: list[list[str]] = []
+    for d in sorted(dates, key=lambda x: position[x]):
+        if blocks and position[d] == position[blocks[-1][-1]] + 1:
+            blocks[-1].append(d)
+        else:
+            blocks.append([d])
+    return blocks
 
 
 def partitioning(asset) -> str:
@@ -276,7 +338,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     vectors = sum(int(r.get("vectors") or 0) for r in partitions)
     lake = paths.lake_root()
     print(
-        f"\n{len(rows) - len(failed)}/{len(rows)} runs succeeded in "
+        f"\n{len(rows) - len(failed)}/{len(rows)} partitions and region-level runs succeeded in "
         f"{time.perf_counter() - t0:.0f} s: {len(partitions)} region x date partitions, {kept} chips "
         f"kept, {dropped} dropped, {vectors} embeddings; then the region-level assets.\n"
         f"Outputs (hive-style, DuckDB reads them directly):\n"

@@ -27,12 +27,23 @@ region_partitions = StaticPartitionsDefinition(sorted(REGIONS))
 region_date_partitions = MultiPartitionsDefinition(
     {"date": date_partitions, "region": region_partitions}
 )
-# Backfills run one region x date per run. Dagster 1.13 can chunk a multi-partition backfill into
-# key ranges, but a run over a range reports one MaterializeResult (its metadata copied to every
-# partition) and asset-check results without a partition; the per-partition metadata and checks
-# that `geofm status` and the UI show would be lost. One partition per run also confines a
-# failure to its partition. Runs queue (2 at a time here) and the embedding step is pooled.
+# How backfills (and automation) group region x date partitions into runs:
+# - ONE_PARTITION_PER_RUN for the CPU steps (tiles, chips, the land-cover maps): runs are cheap to
+#   start, run side by side under the queue's limit, and a failure stays in its partition.
+# - PARTITIONS_TOGETHER for the GPU step and the index (embeddings, vector_index): one run per
+#   contiguous block of the backfill (e.g. a region's date range), so the embedding worker starts
+#   and loads its model once (an ECS GPU task takes minutes to start; a compiled Clay ~20 s to
+#   compile) and the index is opened once. The pool serializes GPU work anyway. Each partition
+#   still gets its own materialization and check results (logged per partition), and a failed
+#   partition fails the run only after the others are written.
+# Not multi_run(N > 1): Dagster 1.13 chunks a multi-dimensional key range by position and turns
+# each chunk back into a rectangle, so a chunk boundary inside a date's row of regions skips
+# partitions (N = 3 over 2 regions x 3 dates runs 4 of the 6).
+# vector_index batches like embeddings but under a policy object of its own, so that a backfill
+# of both makes separate runs (see assets/batched.py); its ranges are never chunked in practice.
 ONE_PARTITION_PER_RUN = BackfillPolicy.multi_run(max_partitions_per_run=1)
+PARTITIONS_TOGETHER = BackfillPolicy.single_run()
+INDEX_BATCHES = BackfillPolicy.multi_run(max_partitions_per_run=1_000_000)
 
 # A region-level asset (partitioned by region only) depends on every date of its region.
 all_dates_of_region = MultiToSingleDimensionPartitionMapping(partition_dimension_name="region")
@@ -49,6 +60,20 @@ def region_and_date(context: AssetExecutionContext) -> tuple[Region, dt.date]:
         raise ValueError(f"expected a region x date partition key, got {key!r}")
     dims = key.keys_by_dimension
     return get_region(REGIONS, dims["region"]), checked_date(dims["date"])
+
+
+def partition_places(context: AssetExecutionContext) -> list[tuple[str, Region, dt.date]]:
+    """(key, region, date) of every region x date partition of the run, in key order: one for a
+    single-partition run, several for a run over a key range (``PARTITIONS_TOGETHER``)."""
+    out = []
+    for key in context.partition_keys:
+        parsed = key if isinstance(key, MultiPartitionKey) else (
+            region_date_partitions.get_partition_key_from_str(key) if "|" in str(key) else None)
+        if not isinstance(parsed, MultiPartitionKey):
+            raise ValueError(f"expected a region x date partition key, got {key!r}")
+        dims = parsed.keys_by_dimension
+        out.append((str(key), get_region(REGIONS, dims["region"]), checked_date(dims["date"])))
+    return out
 
 
 def region_of(context: AssetExecutionContext) -> Region:

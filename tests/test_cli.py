@@ -68,3 +68,31 @@ def test_sample_data_command_writes_a_catalog(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "s" / "catalog.json").exists()
     assert "12 items" in capsys.readouterr().out
     shutil.rmtree(tmp_path / "s")
+
+
+def test_contiguous_blocks_follow_the_dynamic_partition_order():
+    from geofm_assets.cli import contiguous_blocks
+
+    order = ["2021-01-01", "2021-03-01", "2021-02-01", "2021-04-01"]  # a late item's date added last
+    assert contiguous_blocks(["2021-01-01", "2021-02-01", "2021-03-01"], order) == [
+        ["2021-01-01", "2021-03-01", "2021-02-01"]]
+    assert contiguous_blocks(["2021-01-01", "2021-04-01"], order) == [["2021-01-01"], ["2021-04-01"]]
+
+
+def test_materialize_batches_embeddings_and_the_index_per_region_date_block(cli_env, tiny_sample, capsys):
+    assert main(["dates", "sync"]) == 0
+    dates = [d.isoformat() for d in tiny_sample.dates[:2]]
+    argv = ["materialize", "--region", "candeias", "--select", "sentinel2_tiles,chips,embeddings,vector_index"]
+    assert main([*argv, "--date", dates[0], "--date", dates[1]]) == 0
+    out = capsys.readouterr().out
+    for d in dates:  # tiles and chips: one run per partition
+        assert f"ok  sentinel2_tiles, chips {d}|candeias" in out
+    # embeddings, then the index: one run each over the two dates
+    assert f"ok  embeddings {dates[0]}..{dates[1]}|candeias: 2 partitions in one run" in out
+    assert f"ok  vector_index {dates[0]}..{dates[1]}|candeias: 2 partitions in one run" in out
+    instance = DagsterInstance.get()
+    from dagster import AssetKey
+
+    for asset in ("embeddings", "vector_index"):
+        records = instance.fetch_materializations(AssetKey(asset), limit=10).records
+        assert sorted(r.partition_key for r in records) == [f"{d}|candeias" for d in dates]

@@ -44,11 +44,15 @@ def test_automation_is_declared_and_on_by_default():
     assert sensors["scene_sensor"].default_status == DefaultSensorStatus.STOPPED
 
 
-def test_backfills_run_one_region_x_date_per_run():
-    from geofm_assets.partitions import ONE_PARTITION_PER_RUN
+def test_backfills_batch_the_gpu_step_and_the_index_and_run_cpu_steps_one_partition_each():
+    from geofm_assets.partitions import INDEX_BATCHES, ONE_PARTITION_PER_RUN, PARTITIONS_TOGETHER
 
     graph = defs.resolve_asset_graph()
-    for key in defs.resolve_all_asset_keys():
-        node = graph.get(key)
-        if node.partitions_def == region_date_partitions:
-            assert node.backfill_policy == ONE_PARTITION_PER_RUN, key
+    policies = {key.to_user_string(): graph.get(key).backfill_policy
+                for key in defs.resolve_all_asset_keys()
+                if graph.get(key).partitions_def == region_date_partitions}
+    assert policies.pop("embeddings") == PARTITIONS_TOGETHER
+    assert policies.pop("vector_index") == INDEX_BATCHES
+    # distinct policies: a backfill of both makes separate runs (assets/batched.py says why)
+    assert PARTITIONS_TOGETHER != INDEX_BATCHES
+    assert policies and all(p == ONE_PARTITION_PER_RUN for p in policies.values()), policies

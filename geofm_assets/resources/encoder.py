@@ -6,13 +6,13 @@ from __future__ import annotations
 import os
 import sys
 from abc import abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 from botocore.exceptions import ClientError
 from dagster import (
     AssetExecutionContext,
     ConfigurableResource,
-    MaterializeResult,
     PipesSubprocessClient,
     RetryRequested,
 )
@@ -50,11 +50,11 @@ class EncoderResource(ConfigurableResource):
         "but each worker pays ~20 s of compilation first, so only for large partitions",
     )
 
-    def worker_extras(self, lake_root: str, region: str, date: str) -> dict[str, Any]:
+    def worker_extras(self, lake_root: str, partitions: Sequence[tuple[str, str]]) -> dict[str, Any]:
+        """The worker's Pipes extras for embedding ``partitions``, (region, date) pairs, in order."""
         return {
             "lake_root": lake_root,
-            "region": region,
-            "date": date,
+            "partitions": [{"region": region, "date": date} for region, date in partitions],
             "model": self.model,
             "checkpoint": self.checkpoint,
             "device": self.device,
@@ -70,8 +70,10 @@ class EmbeddingLauncher(ConfigurableResource):
     """Runs ``python -m geofm_assets.workers.embed`` through Dagster Pipes."""
 
     @abstractmethod
-    def launch(self, context: AssetExecutionContext, extras: dict[str, Any]) -> MaterializeResult:
-        """Run the worker for one partition; the worker's reported materialization."""
+    def launch(self, context: AssetExecutionContext, extras: dict[str, Any]) -> list[dict[str, Any]]:
+        """Run the worker for the partitions in ``extras``; its report on each, in order:
+        ``{"region", "date", "ok", "metadata"}``, or ``{"region", "date", "ok": False, "error"}``
+        (``worker_reports``)."""
 
 
 class SubprocessEmbeddingLauncher(EmbeddingLauncher):
@@ -79,13 +81,14 @@ class SubprocessEmbeddingLauncher(EmbeddingLauncher):
 
     python: str = Field(default_factory=lambda: sys.executable)
 
-    def launch(self, context: AssetExecutionContext, extras: dict[str, Any]) -> MaterializeResult:
+    def launch(self, context: AssetExecutionContext, extras: dict[str, Any]) -> list[dict[str, Any]]:
         env = {k: v for k, v in os.environ.items() if k.startswith(("GEOFM_", "CUDA_", "OMP_", "HF_"))}
         env["PATH"] = os.environ.get("PATH", "")
-        return (
+        return worker_reports(
             PipesSubprocessClient()
             .run(context=context, command=[self.python, "-m", WORKER_MODULE], extras=extras, env=env)
-            .get_materialize_result()
+            .get_custom_messages(),
+            extras,
         )
 
 
@@ -143,13 +146,14 @@ class EcsEmbeddingLauncher(EmbeddingLauncher):
     )
     retry_delay_s: float = Field(default=30.0, ge=0, description="first retry delay; doubles each time")
 
-    def launch(self, context: AssetExecutionContext, extras: dict[str, Any]) -> MaterializeResult:
+    def launch(self, context: AssetExecutionContext, extras: dict[str, Any]) -> list[dict[str, Any]]:
         try:
-            return (
+            return worker_reports(
                 self.client()
                 .run(context=context, run_task_params=self.run_task_params(),
                      extras=extras, pipes_container_name=self.container_name)
-                .get_materialize_result()
+                .get_custom_messages(),
+                extras,
             )
         except (RuntimeError, OSError, ClientError) as exc:
             # The task died or never started: nothing was committed (the worker writes its
@@ -163,10 +167,24 @@ class EcsEmbeddingLauncher(EmbeddingLauncher):
                 raise RetryRequested(max_retries=self.max_retries, seconds_to_wait=wait) from exc
             raise EmbeddingWorkerFailed(
                 f"the embedding worker task on ECS cluster {self.cluster} (task definition "
-                f"{self.task_definition}) failed {attempt} time(s), the last with: {exc}. Nothing was "
-                "written for this partition; check the task's CloudWatch logs and re-run it."
+                f"{self.task_definition}) failed {attempt} time(s), the last with: {exc}. Partitions "
+                "it had not finished were left as they were; check the task's CloudWatch logs and "
+                "re-run them."
             ) from exc
 
 
 class EmbeddingWorkerFailed(RuntimeError):
     """The external embedding step failed for good (after its retries)."""
+
+
+def worker_reports(messages: Sequence[Any], extras: dict[str, Any]) -> list[dict[str, Any]]:
+    """The worker's per-partition reports (Pipes custom messages) for the partitions asked for;
+    a partition it said nothing about is reported as failed."""
+    got = {(m.get("region"), m.get("date")): m for m in messages
+           if isinstance(m, dict) and m.get("kind") == "partition"}
+    out = []
+    for part in extras["partitions"]:
+        key = (part["region"], part["date"])
+        out.append(got.get(key) or {**part, "ok": False,
+                                    "error": "the embedding worker exited without reporting this partition"})
+    return out

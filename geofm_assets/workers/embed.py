@@ -631,6 +631,10 @@ def embed_lake_partition(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Embed the partitions in the Pipes extras one after the other with one encoder (loaded
+    once), each written atomically on its own; report each one (a ``partition`` custom message:
+    its metadata, or its error) and go on past a failed one. The asset records the partitions
+    and fails the run for the failed ones."""
     from dagster_pipes import open_dagster_pipes
 
     from geofm_assets.models import build_encoder
@@ -643,31 +647,45 @@ def main(argv: Sequence[str] | None = None) -> int:
             str(extras["model"]), checkpoint=Path(checkpoint) if checkpoint else None, device=device,
             compile=bool(extras.get("compile", False)),
         )
-        pipes.log.info(f"embedding {extras['date']}|{extras['region']} with {encoder.name} on {device}")
-        stats = embed_lake_partition(
-            str(extras["lake_root"]), str(extras["region"]), str(extras["date"]), encoder,
-            batch_size=int(extras.get("batch_size", 16)), device=device,
-            readers=int(extras.get("readers", -1)),
-            patch_embeddings=bool(extras.get("patch_embeddings", False)),
-            spatial_grid=int(extras.get("spatial_grid", DEFAULT_SPATIAL_GRID)), log=pipes.log.info,
-        )
-        pipes.report_asset_materialization(
-            metadata={
-                "count": stats.count,
-                "dims": stats.dim,
-                "model": stats.model,
-                "checkpoint_digest": stats.checkpoint_digest,
-                "device": stats.device,
-                "chips_per_s": round(stats.chips_per_s, 2),
-                "model_seconds": round(stats.model_seconds, 3),
-                "seconds": round(stats.seconds, 3),
-                "spatial_grid": stats.spatial_grid,
-                "spatial_seconds": round(stats.spatial_seconds, 3),
-                "readers": stats.readers,
-                "first_batch_seconds": round(stats.first_batch_seconds, 3),
-                "write_seconds": round(stats.write_seconds, 3),
-            }
-        )
+        partitions = list(extras["partitions"])
+        pipes.log.info(f"embedding {len(partitions)} partition(s) with {encoder.name} on {device}")
+        for part in partitions:
+            region, date = str(part["region"]), str(part["date"])
+            try:
+                stats = embed_lake_partition(
+                    str(extras["lake_root"]), region, date, encoder,
+                    batch_size=int(extras.get("batch_size", 16)), device=device,
+                    readers=int(extras.get("readers", -1)),
+                    patch_embeddings=bool(extras.get("patch_embeddings", False)),
+                    spatial_grid=int(extras.get("spatial_grid", DEFAULT_SPATIAL_GRID)),
+                    log=pipes.log.info,
+                )
+            except Exception as exc:  # reported for this partition; the others go on
+                pipes.log.error(f"{date}|{region} failed: {exc}")
+                pipes.report_custom_message(
+                    {"kind": "partition", "region": region, "date": date, "ok": False,
+                     "error": f"{type(exc).__name__}: {exc}"})
+                continue
+            pipes.log.info(f"{date}|{region}: {stats.count} chips at {stats.chips_per_s:.1f} chips/s")
+            pipes.report_custom_message({
+                "kind": "partition", "region": region, "date": date, "ok": True,
+                "metadata": {
+                    "count": stats.count,
+                    "dims": stats.dim,
+                    "model": stats.model,
+                    "checkpoint_digest": stats.checkpoint_digest,
+                    "device": stats.device,
+                    "chips_per_s": round(stats.chips_per_s, 2),
+                    "model_seconds": round(stats.model_seconds, 3),
+                    "seconds": round(stats.seconds, 3),
+                    "spatial_grid": stats.spatial_grid,
+                    "spatial_seconds": round(stats.spatial_seconds, 3),
+                    "readers": stats.readers,
+                    "first_batch_seconds": round(stats.first_batch_seconds, 3),
+                    "write_seconds": round(stats.write_seconds, 3),
+                    "worker_partitions": len(partitions),  # embedded by this worker, model loaded once
+                },
+            })
     return 0
 
 

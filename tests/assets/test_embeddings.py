@@ -187,12 +187,13 @@ def test_worker_writes_spatial_features_and_clear_fractions_for_rcf_and_clay(
 
 
 def test_encoder_resource_passes_the_spatial_grid_to_the_worker():
-    extras = EncoderResource(spatial_grid=8).worker_extras("/lake", "jamari", "2021-06-01")
+    extras = EncoderResource(spatial_grid=8).worker_extras("/lake", [("jamari", "2021-06-01")])
     assert extras["spatial_grid"] == 8
-    defaults = EncoderResource().worker_extras("/lake", "jamari", "2021-06-01")
+    defaults = EncoderResource().worker_extras("/lake", [("jamari", "2021-06-01")])
     assert (defaults["spatial_grid"], defaults["readers"], defaults["compile"]) == (16, -1, False)
-    extras = EncoderResource(readers=3, compile=True).worker_extras("/lake", "jamari", "2021-06-01")
+    extras = EncoderResource(readers=3, compile=True).worker_extras("/lake", [("jamari", "2021-06-01")])
     assert (extras["readers"], extras["compile"]) == (3, True)
+    assert extras["partitions"] == [{"region": "jamari", "date": "2021-06-01"}]
 
 
 @pytest.mark.slow  # ~15 s: a tiny Clay over one partition four ways, two reader processes
