@@ -1,30 +1,41 @@
 """Vector search options on clustered synthetic embeddings: build time, latency, recall, memory.
 
     .venv/bin/python bench/search.py [--sizes 100000[,1000000]] [--dims 768,1024] [--queries 500]
-        [--threads N] [--store-only]
+        [--threads N] [--build-threads N] [--store-only]
 
 The data stands in for encoder embeddings of chips, which are neither uniform noise (where no
 index works) nor a few tight blobs (where every index looks perfect): 2000 clusters whose sizes
-follow a Zipf law (s = 1: the largest holds ~12% of the points, most hold a few dozen); cluster
+follow a Zipf law (s = 1: the largest holds ~12% of the points, the 1000th ~0.01%); cluster
 centres drawn in a 48-dimensional latent subspace with a power-law spectrum plus a small
 full-rank part, so clusters overlap unevenly; within a cluster, an anisotropic spread (8 random
 local directions plus isotropic noise) whose scale is log-normal across clusters. Rows are
 L2-normalized and searched by inner product (= cosine). Queries are held-out points of the same
 distribution, perturbed by a little extra noise; the truth is an exact search in the same run.
 
-Options, each on the same vectors: exact (IndexFlatIP); HNSW (M=32, efConstruction=80 as the
-store builds it, efSearch raised until recall@10 >= 0.95); IVF-Flat (nlist = 4 sqrt(N), nprobe
-raised until recall@10 >= 0.95); IVF-PQ (m = D/8 sub-quantizers x 8 bits, nprobe raised until
-recall@10 >= 0.9, with exact re-ranking of the top R candidates read from a memory-mapped
-float32 file on disk, so RAM holds only the codes). Latency is one query at a time (the store's
-case), p50/p99 over the queries; bytes/vector is the serialized index over N, and the 10M
-projection scales the per-vector part and the coarse quantizer (nlist grows as sqrt N)
-separately. Then the same vectors go through ``FaissStore`` itself (default limits) as
-partitions of 4 regions x 6 dates, its ANN index built ahead with ``build_index``, and a
-filtered search (one region, two dates) is timed, with its recall@10 against an exact search of
-the subset and, while the subset is answered exactly, the store's old filtered path
-(``legacy_filtered``) on the same queries in the same process. ``--store-only`` runs only that
-part. The last line is JSON. Nothing here asserts a time.
+The same vectors go through ``FaissStore`` itself (default limits) as partitions of 4 regions
+x 6 dates, its ANN index built ahead with ``build_index`` (on ``--build-threads`` threads), and
+searches are timed one query at a time with no filter and with three filters (one region x one
+date, 4% of the rows; one region x two dates, 8%, the headline; one region, 25%), each with its
+recall@10 against an exact search of the matching rows in the same run, and, for the headline
+filter while its subset is answered exactly, the store's old filtered path (``legacy_filtered``)
+on the same queries in the same process. ``--store-only`` runs only that part.
+
+Then the options table, each on the same vectors: exact (IndexFlatIP's search; its latency from
+20 queries at 1M); HNSW, which is the store's own index from the step above (M=16,
+efConstruction=80; efSearch raised until recall@10 >= 0.95); IVF-Flat (nlist = 4 sqrt(N), the
+coarse quantizer trained by 10 k-means iterations on 32 points a list, nprobe raised until
+recall@10 >= 0.95); IVF-PQ (the same coarse quantizer and assignment, m = D/8 sub-quantizers x 8
+bits, nprobe raised until recall@10 >= 0.9, with exact re-ranking of the top R candidates read
+from a memory-mapped float32 file on disk, so RAM holds only the codes); IVF-PQ + SQ6 (the same
+candidates re-ranked in RAM from 6-bit scalar-quantized vectors, 0.75 D bytes each, no disk).
+Build times: HNSW the faiss ``add`` inside ``build_index``; IVF-Flat and IVF-PQ each count the
+coarse quantizer's training and the assignment of all vectors (computed once, used by both) plus
+their own training and adding. Latency is one query at a time (the store's case) on
+``--threads`` threads, p50/p99 over the queries; bytes/vector is the index as written to disk
+over N (plus the SQ6 codes), and the 10M projection scales the per-vector part and the coarse
+quantizer (nlist grows as sqrt N) separately. The data is generated with the query count in its
+random stream, so runs with another ``--queries`` see other vectors. The last line is JSON.
+Nothing here asserts a time.
 """
 
 from __future__ import annotations
@@ -45,13 +56,31 @@ import faiss as _faiss
 import numpy as np
 
 from geofm_assets.search.base import SearchFilter, VectorRecord
-from geofm_assets.search.faiss_store import HNSW_EF_CONSTRUCTION, HNSW_M, FaissStore, _top_k
+from geofm_assets.search.faiss_store import (
+    HNSW_EF_CONSTRUCTION,
+    HNSW_M,
+    FaissStore,
+    _fetched,
+    _top_k,
+    hnsw_ef_search,
+)
 
 faiss: Any = _faiss
 K = 10
 N_CLUSTERS = 2000
 REGIONS = ("jamari", "ariquemes", "machadinho", "cujubim")
 DATES = tuple(dt.date(2021, 6, 1) + dt.timedelta(days=30 * i) for i in range(6))
+# name -> filter, every one on the first region; "region x 2 dates" is the headline
+FILTERS: dict[str, SearchFilter | None] = {
+    "none": None,
+    "region x 1 date": SearchFilter(regions=(REGIONS[0],), date_from=DATES[1], date_to=DATES[1]),
+    "region x 2 dates": SearchFilter(regions=(REGIONS[0],), date_from=DATES[1], date_to=DATES[2]),
+    "region": SearchFilter(regions=(REGIONS[0],)),
+}
+HEADLINE = "region x 2 dates"
+STORE_QUERIES = 200
+PROBES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+BUILD_THREADS = [0]  # faiss threads for index builds (0: all cores); set by main
 
 
 def clustered(n: int, dim: int, n_queries: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -108,7 +137,36 @@ def latencies(fn, queries: np.ndarray) -> tuple[float, float, np.ndarray]:
 
 
 def index_bytes(index: Any) -> int:
-    return int(faiss.serialize_index(index).nbytes)
+    """Size of ``index`` written to disk (a file, not memory: at 1M it is gigabytes)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "index.faiss"
+        faiss.write_index(index, str(path))
+        return path.stat().st_size
+
+
+def building(fn):
+    """``fn()`` on the build threads, then back to the search threads."""
+    search_threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(BUILD_THREADS[0] or os.cpu_count() or 1)
+    try:
+        return fn()
+    finally:
+        faiss.omp_set_num_threads(search_threads)
+
+
+def subset_truth(base: np.ndarray, subset: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """[Q K] bench ids of each query's exact top K among ``subset`` (sorted bench ids), scored in
+    blocks of rows so that no copy of a large subset is made."""
+    best_s = np.full((queries.shape[0], 0), -np.inf, np.float32)
+    best_i = np.zeros((queries.shape[0], 0), np.int64)
+    for at in range(0, subset.shape[0], 65536):
+        rows = subset[at : at + 65536]
+        s = np.concatenate([best_s, queries @ base[rows].T], axis=1)  # [Q K+B]
+        i = np.concatenate([best_i, np.broadcast_to(rows, (queries.shape[0], rows.shape[0]))], axis=1)
+        top = np.argpartition(-s, min(K, s.shape[1] - 1), axis=1)[:, :K]
+        best_s, best_i = np.take_along_axis(s, top, 1), np.take_along_axis(i, top, 1)
+    order = np.argsort(-best_s, axis=1)
+    return np.take_along_axis(best_i, order, 1)
 
 
 def tune(set_param, search, values, queries, truth, target):
@@ -143,12 +201,13 @@ def legacy_filtered(
     return rows[_top_k(scores, K)]
 
 
-def through_store(base: np.ndarray, queries: np.ndarray) -> dict[str, Any]:
+def through_store(base: np.ndarray, queries: np.ndarray, keep_index: bool = False) -> dict[str, Any]:
     """The vectors written through ``FaissStore`` (default limits) as 4 regions x 6 dates of
     partitions, its ANN index built ahead with ``build_index``, then single-query latency and
-    recall@10 of a search filtered to one region x two dates, against an exact search of the
-    subset; and the old filtered path (``legacy_filtered``) on the same queries when the subset
-    is answered exactly."""
+    recall@10 with no filter and with each of ``FILTERS``, against an exact search of the
+    matching rows; and the old filtered path (``legacy_filtered``) on the same queries when the
+    headline filter's subset is answered exactly. With ``keep_index``, the store's ANN index and
+    the bench id of each of its rows come back too (``"_index"``, ``"_row_ids"``)."""
     n = base.shape[0]
     with tempfile.TemporaryDirectory() as tmp:
         store = FaissStore(tmp)
@@ -167,43 +226,75 @@ def through_store(base: np.ndarray, queries: np.ndarray) -> dict[str, Any]:
                 ],
             )
         write_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        built = store.build_index("bench")  # load + ANN build (or read) + persist
-        index_s = time.perf_counter() - t0
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        built = building(lambda: store.build_index("bench"))  # load + ANN build (or read) + persist
+        index_s, index_cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
         loaded = store._load("bench")
         assert loaded is not None
-        flt = SearchFilter(regions=(REGIONS[0],), date_from=DATES[1], date_to=DATES[2])
-        wanted = [j for j, (r, d) in enumerate(cells) if r == REGIONS[0] and DATES[1] <= d <= DATES[2]]
-        subset = np.flatnonzero(np.isin(cell, wanted))  # bench ids of the matching rows
-        sizes, times, times_all, found, truth = [], [], [], [], []
-        qs = queries[:200]
-        store.search("bench", qs[0], K, flt)  # warm-up
-        for q in qs:
-            t1 = time.perf_counter()
-            hits = store.search("bench", q, K, flt)
-            times.append(time.perf_counter() - t1)
-            sizes.append(len(hits))
-            found.append([int(h.chip_id[1:]) for h in hits])
-            truth.append(subset[np.argsort(-(base[subset] @ q))[:K]])
-            t1 = time.perf_counter()
-            store.search("bench", q, K)
-            times_all.append(time.perf_counter() - t1)
+        print(
+            f"  store: written in {write_s:.1f} s, build_index {index_s:.1f} s, {index_cpu_s:.0f} CPU s "
+            f"({built['type']}, "
+            f"faiss add {built.get('build_s', '-')} s, load {os.getloadavg()[0]:.2f})",
+            flush=True,
+        )
+        qs = queries[:STORE_QUERIES]
+        filters: dict[str, Any] = {}
+        for name, flt in FILTERS.items():
+            if flt is None:
+                subset = np.arange(n)
+            else:
+                wanted = [j for j, (r, d) in enumerate(cells) if flt.matches("", d, r)]
+                subset = np.flatnonzero(np.isin(cell, wanted))  # bench ids of the matching rows
+            truth = subset_truth(base, subset, qs)
+            store.search("bench", qs[0], K, flt)  # warm-up
+            times, found, sizes = [], [], []
+            for q in qs:
+                t1 = time.perf_counter()
+                hits = store.search("bench", q, K, flt)
+                times.append(time.perf_counter() - t1)
+                sizes.append(len(hits))
+                found.append([int(h.chip_id[1:]) for h in hits])
+            path = "exact"
+            if store.uses_ann(loaded, K, int(subset.size), filtered=flt is not None):
+                path = built["type"]
+                if path == "hnsw_flat":
+                    fetch = _fetched(K, int(subset.size), flt is not None)
+                    ef = hnsw_ef_search(K, fetch, n, int(subset.size))
+                    path += f" efSearch={ef}"
+            t = np.asarray(times) * 1e3
+            hit = [len(set(f) & set(tr.tolist())) / K for f, tr in zip(found, truth, strict=True)]
+            filters[name] = {
+                "matching": int(subset.size),
+                "share": subset.size / n,
+                "path": path,
+                "p50_ms": float(np.percentile(t, 50)),
+                "p99_ms": float(np.percentile(t, 99)),
+                "recall": float(np.mean(hit)),
+                "all_k": bool(min(sizes) == K),
+            }
+            if name == HEADLINE:
+                head_subset = subset
+        head = filters[HEADLINE]
         out: dict[str, Any] = {
             "write_s": write_s,
             "build_index_s": index_s,
+            "build_index_cpu_s": index_cpu_s,  # all threads: / cores = the wall time on an idle machine
+            "faiss_build_s": built.get("build_s"),
             "index": built["type"],
-            "p50_ms": float(np.percentile(np.asarray(times) * 1e3, 50)),
-            "p99_ms": float(np.percentile(np.asarray(times) * 1e3, 99)),
-            "recall": float(
-                np.mean([len(set(f) & set(t.tolist())) / K for f, t in zip(found, truth, strict=True)])
-            ),
-            "unfiltered_p50_ms": float(np.percentile(np.asarray(times_all) * 1e3, 50)),
-            "matching": int(subset.size),
-            "all_k": bool(min(sizes) == K),
+            "plan": {k: v for k, v in built.items() if k not in ("reused", "persisted", "vectors")},
+            "p50_ms": head["p50_ms"],
+            "p99_ms": head["p99_ms"],
+            "recall": head["recall"],
+            "unfiltered_p50_ms": filters["none"]["p50_ms"],
+            "matching": head["matching"],
+            "all_k": all(f["all_k"] for f in filters.values()),
             "resident_bytes_per_vector": loaded.nbytes / n,
+            "filters": filters,
         }
-        if subset.size <= store.exact_limit:
+        if head_subset.size <= store.exact_limit:
             # the old path's per-row arrays, built once as its loader did
+            flt = FILTERS[HEADLINE]
+            assert flt is not None
             p = np.searchsorted(loaded.starts, np.arange(n), side="right") - 1
             names = [loaded.region_names[c] for c in loaded.block_region.tolist()]
             codes = np.asarray([REGIONS.index(r) for r in names], np.int32)[p]
@@ -217,94 +308,62 @@ def through_store(base: np.ndarray, queries: np.ndarray) -> dict[str, Any]:
                 old.append(time.perf_counter() - t1)
             out["before_p50_ms"] = float(np.percentile(np.asarray(old) * 1e3, 50))
             out["before_p99_ms"] = float(np.percentile(np.asarray(old) * 1e3, 99))
+            del vectors
+        if keep_index and loaded.ann is not None:
+            out["_index"] = loaded.ann
+            out["_index_file_bytes"] = (store.model_dir("bench") / "_ann" / "index.faiss").stat().st_size
+            out["_row_ids"] = np.asarray([int(c[1:]) for c in loaded.chip_ids.tolist()], np.int64)
     return out
 
 
-def run(n: int, dim: int, n_queries: int, rerank: int, store_only: bool) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    base, queries, labels = clustered(n, dim, n_queries)
-    gen_s = time.perf_counter() - t0
-    rows: dict[str, Any] = {}
-    if store_only:
-        print(f"# {n} x {dim}: generated in {gen_s:.1f} s", flush=True)
-        rows["store_filtered"] = through_store(base, queries)
-        return {"n": n, "dim": dim, "own_cluster_share": None, "options": rows}
+def hnsw_row(store: dict[str, Any], queries: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
+    """The options-table row of the store's own HNSW index (``through_store(keep_index=True)``):
+    efSearch raised until recall@10 >= 0.95 unfiltered, latency one query at a time."""
+    hnsw, row_ids = store["_index"], store["_row_ids"]
 
-    # exact: the truth and the baseline
-    t0 = time.perf_counter()
-    flat = faiss.IndexFlatIP(dim)
-    flat.add(base)
-    build = time.perf_counter() - t0
-    _, truth = flat.search(queries, K)
-    own = float(np.mean(labels[truth] == labels[truth[:, :1]]))
-    n_lat = min(n_queries, 200)  # exact single queries are slow; fewer suffice for a p50
-    p50, p99, _ = latencies(lambda q: flat.search(q, K)[1], queries[:n_lat])
-    rows["exact"] = {
-        "build_s": build,
-        "p50_ms": p50,
-        "p99_ms": p99,
-        "recall": 1.0,
-        "bytes_per_vector": index_bytes(flat) / n,
-        "param": "-",
-    }
-    print(
-        f"# {n} x {dim}: generated in {gen_s:.1f} s; {100 * own:.0f}% of the true top-10 share "
-        f"the top-1's cluster",
-        flush=True,
-    )
-    tune_q, tune_t = queries, truth  # the reported recall is the tuned one, on the same queries
-
-    # HNSW, as the store builds it
-    t0 = time.perf_counter()
-    hnsw = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
-    hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-    hnsw.add(base)
-    build = time.perf_counter() - t0
+    def search(q):
+        return row_ids[hnsw.search(q, K)[1]]
 
     def set_ef(v):
         hnsw.hnsw.efSearch = v
 
-    ef, tried = tune(
-        set_ef,
-        lambda q: hnsw.search(q, K)[1],
-        [16, 32, 48, 64, 96, 128, 192, 256, 384, 512],
-        tune_q,
-        tune_t,
-        0.95,
-    )
-    p50, p99, ids = latencies(lambda q: hnsw.search(q, K)[1], queries)
-    rows["hnsw"] = {
-        "build_s": build,
+    ef, tried = tune(set_ef, search, [16, 32, 48, 64, 96, 128, 192, 256, 384, 512], queries, truth, 0.95)
+    p50, p99, ids = latencies(search, queries)
+    return {
+        "build_s": store["faiss_build_s"],
         "p50_ms": p50,
         "p99_ms": p99,
         "recall": recall(ids, truth),
-        "bytes_per_vector": index_bytes(hnsw) / n,
-        "param": f"efSearch={ef}",
+        "bytes_per_vector": store["_index_file_bytes"] / row_ids.shape[0],
+        "param": f"M={HNSW_M} efConstruction={HNSW_EF_CONSTRUCTION} efSearch={ef}",
         "tuning": tried,
     }
-    print(f"  hnsw built in {build:.1f} s, efSearch {ef}", flush=True)
-    hnsw.reset()  # free its memory before the next option
 
-    # IVF-Flat
-    nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
-    rng = np.random.default_rng(1)
-    # 32 points a list (the store samples 256; fewer keeps this bench inside minutes on 2 cores)
-    train = base[np.sort(rng.choice(n, min(n, 32 * nlist), replace=False))]
+
+def ivf_flat_row(
+    base: np.ndarray,
+    queries: np.ndarray,
+    truth: np.ndarray,
+    quantizer: Any,
+    assign: np.ndarray,
+    coarse_s: float,
+) -> dict[str, Any]:
+    """IVF-Flat over ``quantizer``'s lists (``assign``: each vector's list), nprobe raised until
+    recall@10 >= 0.95; its build time counts the coarse quantizer's ``coarse_s`` too."""
+    n, dim = base.shape
+    nlist = quantizer.ntotal
+    ivf = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
     t0 = time.perf_counter()
-    ivf = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
-    faiss.extract_index_ivf(ivf).cp.min_points_per_centroid = 1  # no warning for 32 a list
-    ivf.train(train)
-    ivf.add(base)
-    build = time.perf_counter() - t0
-    ivf_params = faiss.extract_index_ivf(ivf)
+    building(lambda: ivf.add_core(n, faiss.swig_ptr(base), None, faiss.swig_ptr(assign)))
+    build = coarse_s + time.perf_counter() - t0
 
     def set_nprobe(v):
-        ivf_params.nprobe = v
+        ivf.nprobe = v
 
-    probes = [p for p in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if p <= nlist]
-    nprobe, tried = tune(set_nprobe, lambda q: ivf.search(q, K)[1], probes, tune_q, tune_t, 0.95)
+    probes = [p for p in PROBES if p <= nlist]
+    nprobe, tried = tune(set_nprobe, lambda q: ivf.search(q, K)[1], probes, queries, truth, 0.95)
     p50, p99, ids = latencies(lambda q: ivf.search(q, K)[1], queries)
-    rows["ivf_flat"] = {
+    return {
         "build_s": build,
         "p50_ms": p50,
         "p99_ms": p99,
@@ -313,11 +372,26 @@ def run(n: int, dim: int, n_queries: int, rerank: int, store_only: bool) -> dict
         "param": f"nlist={nlist} nprobe={nprobe}",
         "tuning": tried,
     }
-    print(f"  ivf-flat built in {build:.1f} s, nprobe {nprobe}", flush=True)
-    ivf_quantizer = faiss.downcast_index(ivf_params.quantizer)
-    ivf_params.own_fields = False  # the quantizer outlives the IVF-Flat index
 
-    # IVF-PQ, codes in RAM, exact re-ranking from a memory-mapped float32 file
+
+def ivf_pq_row(
+    base: np.ndarray,
+    queries: np.ndarray,
+    truth: np.ndarray,
+    quantizer: Any,
+    assign: np.ndarray,
+    coarse_s: float,
+    train: np.ndarray,
+    rerank: int,
+) -> dict[str, dict[str, Any]]:
+    """IVF-PQ (m = D/8 sub-quantizers x 8 bits) over ``quantizer``'s lists, codes in RAM, its top
+    ``rerank`` candidates re-ranked two ways: ``ivf_pq``, exactly from a memory-mapped float32
+    file on disk; ``ivf_pq_sq6``, in RAM from 6-bit scalar-quantized copies of the vectors (0.75
+    D bytes each; 4 bits lose too much: recall@10 <= 0.90 even on the exact top 100, 8 bits
+    overflow 8 GiB at 10M). nprobe raised until recall@10 >= 0.9 for each. The PQ codebooks are
+    trained on 4000 residuals (m k-means of 256 centroids: cost grows as m x points)."""
+    n, dim = base.shape
+    nlist = quantizer.ntotal
     m = dim // 8
     with tempfile.TemporaryDirectory() as tmp:
         raw = np.lib.format.open_memmap(Path(tmp) / "vectors.npy", "w+", np.float32, base.shape)
@@ -326,14 +400,11 @@ def run(n: int, dim: int, n_queries: int, rerank: int, store_only: bool) -> dict
         del raw
         disk = np.load(Path(tmp) / "vectors.npy", mmap_mode="r")
         t0 = time.perf_counter()
-        # the IVF-Flat coarse quantizer is reused; the PQ codebooks are trained on 4000 residuals
-        # (m k-means of 256 centroids: cost grows as m x points, ~minutes for 65k points here)
-        pq = faiss.IndexIVFPQ(ivf_quantizer, dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+        pq = faiss.IndexIVFPQ(quantizer, dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
         pq.pq.cp.min_points_per_centroid = 1
-        pq.train(train[:4000])
-        pq.add(base)
-        build = time.perf_counter() - t0
-        pq_ivf = faiss.extract_index_ivf(pq)
+        building(lambda: pq.train(train[:4000]))
+        building(lambda: pq.add_core(n, faiss.swig_ptr(base), None, faiss.swig_ptr(assign)))
+        build = coarse_s + time.perf_counter() - t0
 
         def pq_search(q, r=rerank):
             _, cand = pq.search(q, r)  # [B R]
@@ -346,51 +417,156 @@ def run(n: int, dim: int, n_queries: int, rerank: int, store_only: bool) -> dict
             return out
 
         def set_pq_nprobe(v):
-            pq_ivf.nprobe = v
+            pq.nprobe = v
 
-        nprobe, tried = tune(set_pq_nprobe, pq_search, probes, tune_q, tune_t, 0.90)
+        probes = [p for p in PROBES if p <= nlist]
+        nprobe, tried = tune(set_pq_nprobe, pq_search, probes, queries, truth, 0.90)
         no_rerank = recall(pq.search(queries, K)[1], truth)
         p50, p99, ids = latencies(pq_search, queries)
         total = index_bytes(pq)
-        quantizer = nlist * dim * 4
-        per_vec = (total - quantizer) / n
-        proj_10m = per_vec * 1e7 + int(4 * math.sqrt(1e7)) * dim * 4
-        rows["ivf_pq"] = {
-            "build_s": build,
+        per_vec = (total - nlist * dim * 4) / n  # all but the coarse quantizer
+        coarse_10m = int(4 * math.sqrt(1e7)) * dim * 4
+        rows = {
+            "ivf_pq": {
+                "build_s": build,
+                "p50_ms": p50,
+                "p99_ms": p99,
+                "recall": recall(ids, truth),
+                "bytes_per_vector": total / n,
+                "param": f"nlist={nlist} PQ{m}x8 nprobe={nprobe} rerank={rerank} from disk",
+                "recall_without_rerank": no_rerank,
+                "tuning": tried,
+                "projected_10m_gib": (per_vec * 1e7 + coarse_10m) / 2**30,
+                "rerank_disk_bytes_per_vector": dim * 4,
+            }
+        }
+
+        # the same candidates re-ranked in RAM from 6-bit scalar-quantized vectors
+        t0 = time.perf_counter()
+        sq = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_6bit, faiss.METRIC_INNER_PRODUCT)
+        sq.train(train)  # per-dimension ranges
+        codes = np.concatenate([sq.sa_encode(base[at : at + 65536]) for at in range(0, n, 65536)])
+        sq_s = time.perf_counter() - t0
+
+        def pq_sq_search(q, r=rerank):
+            _, cand = pq.search(q, r)  # [B R]
+            out = np.full((q.shape[0], K), -1, np.int64)
+            for i in range(q.shape[0]):
+                c = cand[i][cand[i] >= 0]
+                s = sq.sa_decode(codes[c]) @ q[i]
+                best = c[np.argsort(-s)[:K]]
+                out[i, : best.shape[0]] = best
+            return out
+
+        nprobe, tried = tune(set_pq_nprobe, pq_sq_search, probes, queries, truth, 0.90)
+        p50, p99, ids = latencies(pq_sq_search, queries)
+        per_vec_sq = per_vec + codes.shape[1]
+        rows["ivf_pq_sq6"] = {
+            "build_s": build + sq_s,
             "p50_ms": p50,
             "p99_ms": p99,
             "recall": recall(ids, truth),
-            "bytes_per_vector": total / n,
-            "param": f"nlist={nlist} PQ{m}x8 nprobe={nprobe} rerank={rerank}",
+            "bytes_per_vector": total / n + codes.shape[1],
+            "param": f"nlist={nlist} PQ{m}x8 nprobe={nprobe} rerank={rerank} from SQ6 in RAM",
             "recall_without_rerank": no_rerank,
             "tuning": tried,
-            "projected_10m_gib": proj_10m / 2**30,
-            "rerank_disk_bytes_per_vector": dim * 4,
+            "projected_10m_gib": (per_vec_sq * 1e7 + coarse_10m) / 2**30,
+            "rerank_disk_bytes_per_vector": 0,
         }
-        print(f"  ivf-pq built in {build:.1f} s, nprobe {nprobe}", flush=True)
-        pq.reset()
-        ivf.reset()
+        return rows
 
-    rows["store_filtered"] = through_store(base, queries)
+
+def run(n: int, dim: int, n_queries: int, rerank: int, store_only: bool) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    base, queries, labels = clustered(n, dim, n_queries)
+    gen_s = time.perf_counter() - t0
+    rows: dict[str, Any] = {}
+    if store_only:
+        print(f"# {n} x {dim}: generated in {gen_s:.1f} s", flush=True)
+        rows["store_filtered"] = through_store(base, queries)
+        return {"n": n, "dim": dim, "own_cluster_share": None, "options": rows}
+
+    # exact (faiss's IndexFlatIP search, on the bench's own array: no second copy): truth, baseline
+    ip = faiss.METRIC_INNER_PRODUCT
+    _, truth = building(lambda: faiss.knn(queries, base, K, metric=ip))
+    own = float(np.mean(labels[truth] == labels[truth[:, :1]]))
+    n_lat = min(n_queries, max(20, 20_000_000 // n))  # exact single queries take ~0.2-1 s at 1M
+    p50, p99, _ = latencies(lambda q: faiss.knn(q, base, K, metric=ip)[1], queries[:n_lat])
+    rows["exact"] = {
+        "build_s": 0.0,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "recall": 1.0,
+        "bytes_per_vector": dim * 4.0,  # IndexFlat: the float32 vectors, nothing else
+        "param": f"- ({n_lat} queries)",
+    }
+    print(
+        f"# {n} x {dim}: generated in {gen_s:.1f} s; {100 * own:.0f}% of the true top-10 share "
+        f"the top-1's cluster; exact p50 {p50:.1f} ms",
+        flush=True,
+    )
+
+    # the store, whose HNSW index is then the HNSW option (built once)
+    store = through_store(base, queries, keep_index=True)
+    rows["store_filtered"] = {k: v for k, v in store.items() if not k.startswith("_")}
+    report_store({"n": n, "dim": dim, "options": rows})
+    if "_index" in store and store["index"] == "hnsw_flat":
+        rows["hnsw"] = hnsw_row(store, queries, truth)
+        print(
+            f"  hnsw (the store's) built in {store['faiss_build_s']} s, {rows['hnsw']['param']}", flush=True
+        )
+    store.clear()  # free the store's index before the next option
+
+    # the coarse quantizer and assignment shared by IVF-Flat and IVF-PQ: nlist = 4 sqrt(N), trained
+    # on 32 points a list by 10 k-means iterations, spherical, as IndexIVF trains an inner-product
+    # quantizer (the store samples 256 points a list; fewer keeps this bench inside minutes at 1M)
+    nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
+    rng = np.random.default_rng(1)
+    train = base[np.sort(rng.choice(n, min(n, 32 * nlist), replace=False))]
+    t0 = time.perf_counter()
+    quantizer = faiss.IndexFlatIP(dim)
+    km = faiss.Clustering(dim, nlist)
+    km.niter = 10
+    km.min_points_per_centroid = 1  # no warning for 32 a list
+    km.spherical = True  # as IndexIVF trains an inner-product quantizer
+    building(lambda: km.train(train, quantizer))
+    train_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _, assign = building(lambda: quantizer.search(base, 1))  # [N 1] the list of each vector
+    assign = np.ascontiguousarray(assign.ravel())
+    assign_s = time.perf_counter() - t0
+    print(
+        f"  coarse quantizer: {nlist} lists trained in {train_s:.1f} s, assignment {assign_s:.1f} s",
+        flush=True,
+    )
+    rows["ivf_flat"] = ivf_flat_row(base, queries, truth, quantizer, assign, train_s + assign_s)
+    print(f"  ivf-flat built in {rows['ivf_flat']['build_s']:.1f} s, {rows['ivf_flat']['param']}", flush=True)
+    rows.update(ivf_pq_row(base, queries, truth, quantizer, assign, train_s + assign_s, train, rerank))
+    for name in ("ivf_pq", "ivf_pq_sq6"):
+        print(f"  {name} built in {rows[name]['build_s']:.1f} s, {rows[name]['param']}", flush=True)
     return {"n": n, "dim": dim, "own_cluster_share": own, "options": rows}
 
 
 def report_store(res: dict[str, Any]) -> None:
     s = res["options"]["store_filtered"]
-    before = ""
-    if "before_p50_ms" in s:
-        before = (
-            f"; old path p50 {s['before_p50_ms']:.2f} ms, p99 {s['before_p99_ms']:.2f} ms "
-            f"({s['before_p50_ms'] / s['p50_ms']:.1f}x slower)"
-        )
     print(
-        f"  store N={res['n']} D={res['dim']}: filtered p50 {s['p50_ms']:.2f} ms, p99 {s['p99_ms']:.2f} ms, "
-        f"recall@10 {s['recall']:.3f} over {s['matching']} matching (1 region x 2 dates), k every time: "
-        f"{s['all_k']}{before}; unfiltered p50 {s['unfiltered_p50_ms']:.2f} ms ({s['index']}); "
-        f"write {s['write_s']:.1f} s, build_index {s['build_index_s']:.1f} s; "
-        f"{s['resident_bytes_per_vector']:.0f} B/vector held",
+        f"  store N={res['n']} D={res['dim']} ({s['index']}): write {s['write_s']:.1f} s, build_index "
+        f"{s['build_index_s']:.1f} s (faiss add {s['faiss_build_s']} s); "
+        f"{s['resident_bytes_per_vector']:.0f} B/vector held; k results every time: {s['all_k']}",
         flush=True,
     )
+    for name, f in s["filters"].items():
+        print(
+            f"    {name:17s} {f['matching']:>8d} rows ({100 * f['share']:5.1f}%)  p50 {f['p50_ms']:6.2f} ms  "
+            f"p99 {f['p99_ms']:6.2f} ms  recall@10 {f['recall']:.3f}  [{f['path']}]",
+            flush=True,
+        )
+    if "before_p50_ms" in s:
+        print(
+            f"    old filtered path ({HEADLINE}): p50 {s['before_p50_ms']:.2f} ms, "
+            f"p99 {s['before_p99_ms']:.2f} ms ({s['before_p50_ms'] / s['p50_ms']:.1f}x slower)",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -398,31 +574,47 @@ def main() -> None:
     p.add_argument("--sizes", default="100000")
     p.add_argument("--dims", default="768,1024")
     p.add_argument("--queries", type=int, default=500)
-    p.add_argument("--threads", type=int, default=0, help="faiss OpenMP threads (0: faiss's default)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="faiss OpenMP threads for searches (0: faiss's default)"
+    )
+    p.add_argument(
+        "--build-threads",
+        type=int,
+        default=0,
+        help="faiss OpenMP threads for index builds and the batched truth (0: all cores)",
+    )
     p.add_argument("--rerank", type=int, default=100, help="IVF-PQ candidates re-ranked exactly")
     p.add_argument("--store-only", action="store_true", help="only the FaissStore rows (skip the options)")
     args = p.parse_args()
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
+    BUILD_THREADS[0] = args.build_threads
     where = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
-    print(f"# {where}; {dt.date.today()}; faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads")
+    print(
+        f"# {where}; {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; faiss {faiss.__version__}, "
+        f"{faiss.omp_get_max_threads()} search threads, "
+        f"{args.build_threads or os.cpu_count()} build threads; "
+        f"load {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        flush=True,
+    )
     results = []
     for n in (int(s) for s in args.sizes.split(",")):
         for dim in (int(d) for d in args.dims.split(",")):
             res = run(n, dim, args.queries, args.rerank, args.store_only)
             results.append(res)
-            report_store(res)
             if args.store_only:
+                report_store(res)
                 continue
             print(
                 f"{'N=' + str(n) + ' D=' + str(dim):18s} {'build s':>8s} {'p50 ms':>7s} {'p99 ms':>7s} "
                 f"{'recall@10':>9s} {'B/vec':>7s} {'p50 vs exact':>12s}  params"
             )
             exact_p50 = res["options"]["exact"]["p50_ms"]
-            for name in ("exact", "hnsw", "ivf_flat", "ivf_pq"):
+            names = ("exact", "hnsw", "ivf_flat", "ivf_pq", "ivf_pq_sq6")
+            for name in [o for o in names if o in res["options"]]:
                 o = res["options"][name]
                 extra = ""
-                if name == "ivf_pq":
+                if name.startswith("ivf_pq"):
                     extra = (
                         f"  (no re-rank {o['recall_without_rerank']:.3f}; 10M -> "
                         f"{o['projected_10m_gib']:.2f} GiB RAM + {o['rerank_disk_bytes_per_vector']} "

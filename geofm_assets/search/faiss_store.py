@@ -22,20 +22,28 @@ re-listed at most every ``rescan_s`` seconds, so a change made to them by anythi
 within that delay.
 
 Exact inner-product search while the model holds at most ``exact_limit`` vectors; beyond that
-an ANN index chosen by size: HNSW (M=32) up to ``hnsw_limit`` vectors, IVF-Flat beyond. The
-ANN index is persisted under ``_ann/`` with a manifest of the partition files it was built
-from, reused after a restart and rebuilt when they change. Building it takes minutes at 1M
-vectors (HNSW M=32, 768 dims: ~8 min on 2 cores), so call :meth:`FaissStore.build_index`
+an ANN index chosen by size: HNSW (M=16, efConstruction=80) up to ``hnsw_limit`` vectors,
+IVF-Flat beyond. The ANN index is persisted under ``_ann/`` with a manifest of the partition
+files it was built from, reused after a restart and rebuilt when they change. Building it takes
+minutes at 1M vectors (HNSW, 768 dims, both threads of a 2-core VM: see bench/README.md), with
+faiss's OpenMP threads as the process has them, so call :meth:`FaissStore.build_index`
 after upserting; otherwise the first search after a change builds it inside that search
 (logged as a warning), or, with ``ann_in_background=True``, in a background thread while
-searches are answered exactly. A filtered search whose matching subset holds at most
-``exact_limit`` vectors, or for which the ANN returns fewer than k matching hits, is answered
-exactly over the subset: k results always come back when k vectors match.
+searches are answered exactly. A filtered HNSW search raises efSearch in proportion to
+1 / selectivity (``HNSW_EF_PER_MATCH`` x k x N / matching rows; see :func:`hnsw_ef_search`): the
+graph walk visits rows of every partition, and only about selectivity x efSearch of the rows it
+keeps as candidates match, so a fixed efSearch loses recall as the filter narrows (measured at
+1M x 768, M=16, a filter letting 8% of the rows through: recall@10 0.937 at efSearch 80, 0.962
+at 96, 0.988 at 128; this rule gives 150). A filtered search is answered exactly over its subset
+when the subset holds at most ``exact_limit`` vectors and scanning it costs no more than that
+HNSW walk (``HNSW_ROWS_PER_EF`` rows scanned an efSearch step; see :meth:`FaissStore.uses_ann`),
+or when the ANN returns fewer than k matching hits: k results always come back when k vectors
+match. At 1M vectors and k = 10 the crossover is near 17k matching rows (exact: ~2 ms).
 
 Memory, per loaded model of N vectors of D dims: the matrix, 4 D bytes a vector, plus ~100
-bytes for its chip id and coordinates; HNSW adds ~8 M = 256 bytes a vector (its graph) and
+bytes for its chip id and coordinates; HNSW adds ~8 M = 128 bytes a vector (its graph) and
 shares the matrix (the store searches the index's own float32 storage); IVF-Flat keeps a
-second copy in its inverted lists (another 4 D bytes). 1M x 768: ~3.4 GB with HNSW. At most
+second copy in its inverted lists (another 4 D bytes). 1M x 768: ~3.3 GB with HNSW. At most
 ``max_models`` models are held (least recently searched dropped first).
 """
 
@@ -84,15 +92,33 @@ PARTITION_FILE = "vectors.parquet"
 METADATA_KEY = b"geofm_search"
 ANN_DIR = "_ann"
 CHANGES_FILE = "_changes"
-HNSW_M = 32
+HNSW_M = 16
 HNSW_EF_CONSTRUCTION = 80
-HNSW_EF_SEARCH = 64
+HNSW_EF_SEARCH = 128  # 1M x 768, M=16: recall@10 0.934 unfiltered at 64, >= 0.95 from 96
+# a filtered HNSW search walks with efSearch >= HNSW_EF_PER_MATCH x k / selectivity (hnsw_ef_search)
+HNSW_EF_PER_MATCH = 1.25
+# one efSearch step of an M=16 walk costs about as much as scanning this many rows exactly
+# (measured at 1M x 768, one thread: ~2.7 us a step, ~0.125 us a row; both grow with D)
+HNSW_ROWS_PER_EF = 24
 IVF_NPROBE = 32
 
 # (path relative to the model folder, mtime_ns, size, inode) of every partition file
 Fingerprint = tuple[tuple[str, int, int, int], ...]
 # (mtime_ns, size, inode) of the model's _changes marker, None while it does not exist
 Marker = tuple[int, int, int] | None
+
+
+def hnsw_ef_search(k: int, fetch: int, n: int, n_match: int) -> int:
+    """efSearch of an HNSW search for ``k`` results among ``n_match`` of the index's ``n`` rows,
+    fetching ``fetch`` candidates: at least ``HNSW_EF_SEARCH`` and twice ``fetch``, and, for a
+    selective filter, ``HNSW_EF_PER_MATCH`` x k / selectivity (selectivity = n_match / n), so
+    that the walk's candidate list holds about 1.25 k matching rows however narrow the filter is.
+    The store walks the HNSW for a subset only past ``exact_limit`` rows or when the walk costs
+    less than scanning the subset (:meth:`FaissStore.uses_ann`), which bounds this."""
+    if not 0 < n_match <= n:
+        raise StoreError(f"hnsw_ef_search: {n_match} matching rows of {n}; expected 1..{n}")
+    by_filter = math.ceil(HNSW_EF_PER_MATCH * k * n / n_match)
+    return max(HNSW_EF_SEARCH, 2 * fetch, by_filter)
 
 
 def encode_name(name: str) -> str:
@@ -231,6 +257,11 @@ def _inner_products(block: np.ndarray, q: np.ndarray, out: np.ndarray) -> None:
                                      block.shape[1], block.shape[0])
 
 
+def _fetched(k: int, n_match: int, filtered: bool) -> int:
+    """ANN candidates fetched for k results: 2 k, 4 k under a filter (re-checked, re-scored)."""
+    return min(n_match, k * (4 if filtered else 2))
+
+
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """Positions of the k largest scores, best first (ties: lower position first)."""
     n = scores.shape[0]
@@ -240,7 +271,8 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
 
 class FaissStore(VectorStore):
     """See the module docstring. ``exact_limit``: largest model (and largest filtered subset)
-    searched exactly; ``hnsw_limit``: largest model indexed with HNSW (IVF-Flat beyond);
+    searched exactly (a filtered subset below it goes through HNSW when that is cheaper);
+    ``hnsw_limit``: largest model indexed with HNSW (IVF-Flat beyond);
     ``rescan_s``: longest a change to the partition files made by anything but a ``FaissStore``
     goes unseen; ``max_models``: models held in memory at once; ``ann_in_background``: build a
     missing ANN index in a thread (searches answered exactly meanwhile) instead of inside the
@@ -500,7 +532,8 @@ class FaissStore(VectorStore):
             return {"type": "exact", "metric": "inner_product"}
         if n <= self.hnsw_limit:
             return {"type": "hnsw_flat", "metric": "inner_product", "M": HNSW_M,
-                    "efConstruction": HNSW_EF_CONSTRUCTION, "efSearch": HNSW_EF_SEARCH}
+                    "efConstruction": HNSW_EF_CONSTRUCTION, "efSearch": HNSW_EF_SEARCH,
+                    "efSearch_per_match": HNSW_EF_PER_MATCH}
         nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))  # faiss wants >= 39 training points a list
         return {"type": "ivf_flat", "metric": "inner_product", "nlist": nlist, "nprobe": IVF_NPROBE}
 
@@ -667,11 +700,25 @@ class FaissStore(VectorStore):
         if n_match == 0:
             return []
         k = min(k, n_match)
-        if loaded.ann is not None and n_match > self.exact_limit:
+        if self.uses_ann(loaded, k, n_match, filtered=sel is not None):
             hits = self._ann_search(loaded, q, k, sel)
             if hits is not None:
                 return hits
         return self._exact_search(loaded, q, k, sel)
+
+    def uses_ann(self, loaded: _Loaded, k: int, n_match: int, filtered: bool) -> bool:
+        """Whether a search for ``k`` of ``n_match`` matching rows goes through the ANN index:
+        always past ``exact_limit`` rows; below it only a filtered HNSW search, and only when
+        its walk (``HNSW_ROWS_PER_EF`` x efSearch rows' worth) costs less than scanning the
+        subset."""
+        if loaded.ann is None:
+            return False
+        if n_match > self.exact_limit:
+            return True
+        if not filtered or loaded.ann_info.get("type") != "hnsw_flat":
+            return False
+        ef = hnsw_ef_search(k, _fetched(k, n_match, filtered), loaded.size, n_match)
+        return n_match > HNSW_ROWS_PER_EF * ef
 
     @staticmethod
     def _exact_search(loaded: _Loaded, q: np.ndarray, k: int, sel: _Selection | None) -> list[SearchHit]:
@@ -699,7 +746,7 @@ class FaissStore(VectorStore):
         """ANN candidates (oversampled, restricted to the filter), re-checked and re-scored
         exactly; None when fewer than k matching candidates come back."""
         n_match = loaded.size if sel is None else sel.count
-        fetch = min(n_match, k * (2 if sel is None else 4))
+        fetch = _fetched(k, n_match, sel is not None)
         selector = None
         bitmap = None
         if sel is not None:
@@ -709,7 +756,8 @@ class FaissStore(VectorStore):
                 bitmap = np.packbits(sel.mask(loaded.size), bitorder="little")  # kept alive for the search
                 selector = faiss.IDSelectorBitmap(bitmap)
         if loaded.ann_info["type"] == "hnsw_flat":
-            params: Any = faiss.SearchParametersHNSW(sel=selector, efSearch=max(HNSW_EF_SEARCH, 2 * fetch))
+            ef = hnsw_ef_search(k, fetch, loaded.size, n_match)
+            params: Any = faiss.SearchParametersHNSW(sel=selector, efSearch=ef)
         else:
             params = faiss.SearchParametersIVF(sel=selector, nprobe=IVF_NPROBE)
         _, ids = loaded.ann.search(q[None, :], fetch, params=params)  # [1 fetch]

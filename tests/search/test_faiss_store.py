@@ -12,8 +12,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+import geofm_assets.search.faiss_store as faiss_store
 from geofm_assets.search import FaissStore, SearchFilter, StoreError, VectorRecord
-from geofm_assets.search.faiss_store import METADATA_KEY
+from geofm_assets.search.faiss_store import METADATA_KEY, hnsw_ef_search
 
 DIM = 64
 REGIONS = ("alps", "delta")
@@ -298,8 +299,9 @@ def test_describe_reports_index_and_size(store: FaissStore) -> None:
     assert info["date_range"] == [DATES[0].isoformat(), DATES[-1].isoformat()]
     assert info["index"]["type"] == "exact"
     big = FaissStore(store.root, exact_limit=10)
-    assert big.describe(MODEL)["index"] == {"type": "hnsw_flat", "metric": "inner_product", "M": 32,
-                                            "efConstruction": 80, "efSearch": 64}
+    assert big.describe(MODEL)["index"] == {"type": "hnsw_flat", "metric": "inner_product", "M": 16,
+                                            "efConstruction": 80, "efSearch": 128,
+                                            "efSearch_per_match": 1.25}
     huge = FaissStore(store.root, exact_limit=10, hnsw_limit=100)
     plan = huge.describe(MODEL)["index"]
     assert plan["type"] == "ivf_flat" and plan["nprobe"] == 32
@@ -413,3 +415,96 @@ def test_at_most_max_models_are_held(tmp_path: Path) -> None:
     assert list(store._cache) == ["c", "b"]  # least recently searched first out
     with pytest.raises(StoreError, match="max_models"):
         FaissStore(tmp_path / "vi", max_models=0)
+
+
+def test_hnsw_ef_search_grows_as_the_filter_narrows() -> None:
+    assert hnsw_ef_search(10, 20, 1_000_000, 1_000_000) == 128  # unfiltered: the default
+    assert hnsw_ef_search(100, 200, 1_000_000, 1_000_000) == 400  # twice the candidates fetched
+    assert hnsw_ef_search(10, 40, 1_000_000, 500_000) == 128
+    assert hnsw_ef_search(10, 40, 1_000_000, 83_334) == 150  # 8% of the rows: 1.25 k / selectivity
+    assert hnsw_ef_search(10, 40, 1_000_000, 41_667) == 300
+    with pytest.raises(StoreError, match="0 matching rows of 10"):
+        hnsw_ef_search(10, 40, 10, 0)
+
+
+def random_grid(store: FaissStore, rng: np.random.Generator) -> tuple[dict, tuple[dt.date, ...]]:
+    """4 regions x 6 dates of 200 random 32-dim vectors (no clusters: the hard case for a graph)."""
+    dates = tuple(dt.date(2024, 1, 1) + dt.timedelta(days=10 * i) for i in range(6))
+    written: dict = {}
+    for region in ("r0", "r1", "r2", "r3"):
+        for date in dates:
+            vecs = rng.standard_normal((200, 32)).astype(np.float32)
+            recs = [VectorRecord(f"{region}_{i}", date, region, vecs[i], 0.0, 0.0) for i in range(200)]
+            store.upsert_partition(MODEL, region, date, recs)
+            written[(region, date)] = recs
+    return written, dates
+
+
+def test_selective_filter_keeps_recall_through_hnsw(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A filter letting 2 of the 24 partitions (8%) through, answered by HNSW: with efSearch fixed
+    at max(64, 2 x 40) recall@10 was ~0.94 here; scaled by 1 / selectivity, ~0.99."""
+    rng = np.random.default_rng(11)
+    store = FaissStore(tmp_path / "vi", exact_limit=200)
+    written, dates = random_grid(store, rng)
+    assert store.build_index(MODEL)["type"] == "hnsw_flat"
+    efs: list[int] = []
+
+    def spy(k: int, fetch: int, n: int, n_match: int) -> int:
+        efs.append(hnsw_ef_search(k, fetch, n, n_match))
+        return efs[-1]
+
+    monkeypatch.setattr(faiss_store, "hnsw_ef_search", spy)
+    flt = SearchFilter(regions=("r2",), date_from=dates[1], date_to=dates[2])
+    recall = []
+    for q in rng.standard_normal((50, 32)).astype(np.float32):
+        hits = store.search(MODEL, q, 10, flt)
+        assert len(hits) == 10 and all(h.region == "r2" and dates[1] <= h.date <= dates[2] for h in hits)
+        truth = {(b[0], b[1]) for b in brute_force(written, q, flt)[:10]}
+        recall.append(len(truth & {(h.chip_id, h.date) for h in hits}) / 10)
+    assert efs == [150] * 50  # 400 of 4800 rows: 1.25 x 10 x 12, through the HNSW every time
+    assert np.mean(recall) >= 0.97
+
+
+def test_filtered_subset_under_exact_limit_goes_the_cheaper_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Below ``exact_limit`` a filtered subset is scanned exactly while that costs less than the
+    HNSW walk (HNSW_ROWS_PER_EF x efSearch rows), else searched through the HNSW."""
+    rng = np.random.default_rng(5)
+    store = FaissStore(tmp_path / "vi", exact_limit=4000)
+    written, dates = random_grid(store, rng)  # 4800 rows: past exact_limit, so an HNSW exists
+    assert store.build_index(MODEL)["type"] == "hnsw_flat"
+    answered_by_ann = []
+    ann_search = FaissStore._ann_search
+
+    def spy(*args: object) -> object:
+        hits = ann_search(*args)  # type: ignore[arg-type]
+        answered_by_ann.append(hits is not None)
+        return hits
+
+    monkeypatch.setattr(FaissStore, "_ann_search", staticmethod(spy))
+    loaded = store._load(MODEL)
+    assert loaded is not None
+    narrow = SearchFilter(regions=("r2",), date_from=dates[1], date_to=dates[2])  # 400 rows
+    wide = SearchFilter(regions=("r0", "r1", "r2"))  # 3600 rows, still under exact_limit
+    # 400 rows: efSearch 150 -> ~3600 rows' worth of walk: scanning is cheaper
+    assert not store.uses_ann(loaded, 10, 400, filtered=True)
+    # 3600 rows: efSearch 128 -> ~3072 rows' worth: the walk is cheaper
+    assert store.uses_ann(loaded, 10, 3600, filtered=True)
+    assert not store.uses_ann(loaded, 10, 3600, filtered=False)  # never for an unfiltered subset
+    for flt, by_ann in ((narrow, False), (wide, True)):
+        answered_by_ann.clear()
+        recall = []
+        for q in rng.standard_normal((20, 32)).astype(np.float32):
+            hits = store.search(MODEL, q, 10, flt)
+            assert len(hits) == 10
+            truth = {(b[0], b[1]) for b in brute_force(written, q, flt)[:10]}
+            recall.append(len(truth & {(h.chip_id, h.date) for h in hits}) / 10)
+        assert answered_by_ann == ([True] * 20 if by_ann else [])
+        assert np.mean(recall) >= (0.95 if by_ann else 1.0)
+    # IVF: the subset under exact_limit is always scanned
+    ivf = FaissStore(tmp_path / "vi", exact_limit=4000, hnsw_limit=4000)
+    assert ivf.build_index(MODEL)["type"] == "ivf_flat"
+    ivf_loaded = ivf._load(MODEL)
+    assert ivf_loaded is not None and not ivf.uses_ann(ivf_loaded, 10, 3600, filtered=True)
+    assert ivf.uses_ann(ivf_loaded, 10, 4001, filtered=True)
