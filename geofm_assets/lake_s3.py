@@ -20,16 +20,20 @@ How a partition folder ``D`` is published (``S3Lake.commit``):
    are deleted.
 
 A partition is complete when its ``_SUCCESS`` exists, and readers take only the files it lists
-(``S3Lake.fetch`` into a local cache, ``s3_lake_connection`` for DuckDB).
+(``S3Lake.fetch`` into a local cache, ``S3Lake.fetch_committed`` for every partition of an asset,
+``s3_lake_connection`` for DuckDB).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import fnmatch
 import json
+import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -46,6 +50,10 @@ CACHE_MANIFEST = ".s3-manifest.json"
 # S3's limit for one PUT (and one CopyObject).
 MAX_SINGLE_PUT_BYTES = 5 * 1024**3
 MANIFEST_FORMAT = "geofm-s3-partition/1"
+# The cached manifest's list of the files a partial fetch downloaded (absent: all of them).
+CACHED_FILES = "cached_files"
+# Partitions fetched at once by ``fetch_committed`` (S3 latency, not bandwidth, bounds small files).
+FETCH_THREADS = 8
 
 
 class S3LakeError(RuntimeError):
@@ -143,9 +151,13 @@ class S3Lake:
             raise S3LakeError(f"{self.uri(rel, MARKER)} is not a {MANIFEST_FORMAT} manifest")
         return doc
 
-    def fetch(self, rel: str) -> Path:
+    def fetch(self, rel: str, files: Sequence[str] | None = None) -> Path:
         """A local folder holding the committed version of ``rel`` (downloaded when the cache
-        holds another version); a path that does not exist when ``rel`` was never committed."""
+        holds another version); a path that does not exist when ``rel`` was never committed.
+
+        ``files``: ``fnmatch`` patterns of the file names (paths inside the partition, e.g.
+        ``chips.parquet`` or ``datacubes/*``) to download; the other files of the version are
+        left out (a later fetch that needs them adds them). Default: every file."""
         rel = checked_relative(rel)
         local = self.local_path(rel)
         remote = self.manifest(rel)
@@ -153,15 +165,88 @@ class S3Lake:
             if local.exists():
                 shutil.rmtree(local)
             return local
+        wanted = sorted(n for n in remote["files"] if files is None or matches_any(n, files))
         cached = read_cached_manifest(local)
         if cached is not None and cached.get("version") == remote["version"]:
+            missing = [n for n in wanted if n not in cached_file_names(cached)]
+            if missing:
+                self._add_files(rel, local, remote, cached, missing)
             return local
         with swap_directory(local) as staging:
-            for name, info in remote["files"].items():
-                self._download(rel, name, info, staging / name)
-            write_cached_manifest(staging, remote)
-        self.log(f"fetched {self.uri(rel)} version {remote['version']} ({len(remote['files'])} files)")
+            for name in wanted:
+                self._download(rel, name, remote["files"][name], staging / name)
+            partial = len(wanted) < len(remote["files"])
+            write_cached_manifest(staging, {**remote, CACHED_FILES: wanted} if partial else remote)
+        self.log(f"fetched {self.uri(rel)} version {remote['version']} "
+                 f"({len(wanted)} of {len(remote['files'])} files)")
         return local
+
+    def _add_files(
+        self, rel: str, local: Path, remote: dict[str, Any], cached: dict[str, Any], names: list[str]
+    ) -> None:
+        """Download ``names`` of the version already cached (partly) in ``local``: each file
+        appears whole (written beside it, then renamed), the cached manifest is updated last."""
+        token = uuid.uuid4().hex[:12]
+        for name in names:
+            dest = local / name
+            part = dest.with_name(f".{dest.name}.part-{token}")
+            try:
+                self._download(rel, name, remote["files"][name], part)
+                os.replace(part, dest)
+            finally:
+                part.unlink(missing_ok=True)
+        have = sorted(cached_file_names(cached) | set(names))
+        complete = set(have) >= set(remote["files"])
+        doc = remote if complete else {**remote, CACHED_FILES: have}
+        tmp = local / f".{CACHE_MANIFEST}.{token}"
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, local / CACHE_MANIFEST)
+        self.log(f"fetched {len(names)} more files of {self.uri(rel)} version {remote['version']}")
+
+    def committed(self, rel: str) -> list[str]:
+        """The committed partitions at or under the lake folder ``rel`` (lake-relative, sorted):
+        the folders with a ``_SUCCESS`` marker, less those inside another such folder (a file of
+        that partition may be named ``_SUCCESS``). A partition being written (its marker is
+        deleted first and written last) or abandoned mid-write is not listed."""
+        rel = checked_relative(rel)
+        base = self.key(rel)
+        try:
+            keys = self._list(base + "/")
+        except (ClientError, BotoCoreError) as exc:
+            raise S3LakeError(f"cannot list {self.uri(rel)}: {describe_error(exc)}") from exc
+        if f"{base}/{MARKER}" in keys:
+            return [rel]  # rel is one partition: markers below it are files of it
+        start = len(self.prefix) + 1 if self.prefix else 0
+        return outermost(key[start : -len(MARKER) - 1] for key in keys if PurePosixPath(key).name == MARKER)
+
+    def fetch_committed(
+        self, rel: str, files: Sequence[str] | None = None, threads: int = FETCH_THREADS
+    ) -> list[str]:
+        """Fetch every committed partition at or under the lake folder ``rel`` (``committed``)
+        into the cache (``files`` as for ``fetch``), and drop the cached copies of partitions
+        under it that are no longer committed, so that the cache under ``local_path(rel)`` holds
+        committed versions only. The partitions fetched, lake-relative and sorted."""
+        rel = checked_relative(rel)
+        listed = self.committed(rel)
+        stale = [c for c in self.cached(rel) if c not in listed and not inside_any(c, listed)]
+        todo = listed + stale  # a stale copy is fetched again: dropped unless committed since
+        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(todo)))) as pool:
+            present = list(pool.map(lambda r: self.fetch(r, files).exists(), todo))
+        return sorted(r for r, ok in zip(todo, present, strict=True) if ok)
+
+    def cached(self, rel: str) -> list[str]:
+        """The partitions at or under ``rel`` that the local cache holds a copy of (folders
+        with the cached manifest; never the hidden staging folders of writes in progress)."""
+        rel = checked_relative(rel)
+        root = self.local_path(rel)
+        if not root.is_dir():
+            return []
+        found = []
+        for manifest in root.rglob(CACHE_MANIFEST):
+            folder = manifest.parent.relative_to(self.cache_root)
+            if not any(part.startswith(".") for part in folder.parts):
+                found.append(folder.as_posix())
+        return outermost(found)
 
     def _download(self, rel: str, name: str, info: dict[str, Any], dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -312,6 +397,30 @@ def publishable_files(local_dir: Path) -> list[tuple[str, Path]]:
             raise S3LakeError(f"{path}: {MARKER} is the lake's own completion marker; rename that file")
         out.append((name, path))
     return out
+
+
+def matches_any(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def inside_any(folder: str, parents: Iterable[str]) -> bool:
+    return any(folder.startswith(p + "/") for p in parents)
+
+
+def outermost(folders: Iterable[str]) -> list[str]:
+    """The ``folders`` that are not inside another of them, sorted."""
+    given = set(folders)
+    return sorted(
+        f for f in given
+        if not any(PurePosixPath(*PurePosixPath(f).parts[:n]).as_posix() in given
+                   for n in range(1, len(PurePosixPath(f).parts)))
+    )
+
+
+def cached_file_names(cached: dict[str, Any]) -> set[str]:
+    """The files of a cached partition's version present in the cache."""
+    names = cached.get(CACHED_FILES)
+    return set(cached.get("files", {}) if names is None else names)
 
 
 def read_cached_manifest(local: Path) -> dict[str, Any] | None:

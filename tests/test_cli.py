@@ -82,7 +82,8 @@ def test_contiguous_blocks_follow_the_dynamic_partition_order():
 def test_materialize_batches_embeddings_and_the_index_per_region_date_block(cli_env, tiny_sample, capsys):
     assert main(["dates", "sync"]) == 0
     dates = [d.isoformat() for d in tiny_sample.dates[:2]]
-    argv = ["materialize", "--region", "candeias", "--select", "sentinel2_tiles,chips,embeddings,vector_index"]
+    argv = ["materialize", "--region", "candeias",
+            "--select", "sentinel2_tiles,chips,embeddings,vector_index"]
     assert main([*argv, "--date", dates[0], "--date", dates[1]]) == 0
     out = capsys.readouterr().out
     for d in dates:  # tiles and chips: one run per partition

@@ -42,12 +42,19 @@ from geofm_assets.analysis.change_outputs import (
     CHANGE_TABLE,
     write_change_outputs,
 )
-from geofm_assets.analysis.series import RegionSeries, RegionSpatial, load_region_series, load_region_spatial
+from geofm_assets.analysis.series import (
+    SPATIAL_FILE,
+    SPATIAL_VALID_FILE,
+    RegionSeries,
+    RegionSpatial,
+    load_region_series,
+    load_region_spatial,
+)
 from geofm_assets.assets.embeddings import embeddings
 from geofm_assets.assets.tiles import md_image, png_markdown
 from geofm_assets.automation import follows_new_dates_of_region
 from geofm_assets.geo.regions import ChipGrid
-from geofm_assets.lake import checked_date
+from geofm_assets.lake import EMBEDDINGS_TABLE, checked_date
 from geofm_assets.partitions import all_dates_of_region, region_of, region_partitions
 from geofm_assets.resources.lake import LakeResource
 
@@ -193,9 +200,12 @@ def change_maps(
 ) -> MaterializeResult:
     region = region_of(context)
     grid = ChipGrid.for_region(region)
-    series = load_region_series(Path(lake.uri()), region.name)
     patch = config.series == "patch_distance"
-    spatial = load_region_spatial(Path(lake.uri()), region.name) if patch else None
+    # the embeddings tables, and the cell features when the series is per cell
+    needed = [EMBEDDINGS_TABLE, *((SPATIAL_FILE, SPATIAL_VALID_FILE) if patch else ())]
+    root = lake.readable_root(["embeddings"], region.name, files={"embeddings": needed})
+    series = load_region_series(root, region.name)
+    spatial = load_region_spatial(root, region.name) if patch else None
     result = run_change(series, config, spatial)
     with lake.write_region("change_maps", region.name) as staging:
         outputs = write_change_outputs(result, grid, staging, top_n=config.top_n)

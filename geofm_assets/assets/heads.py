@@ -7,6 +7,7 @@ The work lives in ``geofm_assets.heads``; these assets read the lake, call it, w
 import datetime as dt
 import json
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,7 +53,7 @@ from geofm_assets.heads.segmentation import (
     pixel_training_set,
     train_segmentation,
 )
-from geofm_assets.lake import EMBEDDINGS_TABLE, swap_directory
+from geofm_assets.lake import CHIPS_TABLE, EMBEDDINGS_TABLE, partition_dir
 from geofm_assets.models import build_encoder
 from geofm_assets.models.base import Encoder, resolve_device
 from geofm_assets.partitions import ONE_PARTITION_PER_RUN, region_and_date, region_date_partitions
@@ -92,9 +93,25 @@ def build_configured_encoder(encoder: EncoderResource) -> Encoder:
                          device=str(resolve_device(encoder.device)))
 
 
-def head_dir(lake: LakeResource, asset_name: str) -> Path:
-    """Where an unpartitioned head keeps its files: ``{root}/{asset}``."""
-    return Path(lake.uri(asset_name))
+# What the chip classifier and its map read of each partition: the two tables (not the
+# datacubes, nor the embeddings' cell features).
+TABLE_FILES = {"embeddings": [EMBEDDINGS_TABLE], "chips": [CHIPS_TABLE]}
+
+
+def readable_lake(
+    lake: LakeResource,
+    assets: Sequence[str],
+    regions: Sequence[str],
+    dates: Sequence[str] = (),
+    files: Mapping[str, Sequence[str]] | None = None,
+) -> Path:
+    """``lake.readable_root`` for ``assets`` over ``regions`` (every region when empty), on
+    ``dates`` only when regions are named too (else every date)."""
+    if not regions:
+        return lake.readable_root(assets, files=files)
+    on: list[str | None] = list(dates) or [None]
+    roots = [lake.readable_root(assets, region, date, files=files) for region in regions for date in on]
+    return roots[0]  # one root for every scope
 
 
 # --- the chip classifier ---------------------------------------------------------------------------
@@ -133,7 +150,8 @@ class ClassifierConfig(TruthConfig):
 def landcover_classifier(
     context: AssetExecutionContext, config: ClassifierConfig, lake: LakeResource, stac: StacResource
 ) -> MaterializeResult:
-    obs = load_observations(Path(lake.uri()), config.regions or None)
+    root = readable_lake(lake, ["embeddings", "chips"], config.regions, files=TABLE_FILES)
+    obs = load_observations(root, config.regions or None)
     if not len(obs):
         raise ValueError("no embeddings in the lake to train on: materialize embeddings first")
     labels: ChipLabels
@@ -153,11 +171,11 @@ def landcover_classifier(
     seconds = time.perf_counter() - started
     png = confusion_matrix_png(report.confusion, report.classes,
                                f"{config.head} on {obs.model}: grouped {report.folds}-fold CV")
-    final = head_dir(lake, CLASSIFIER)
-    with swap_directory(final) as staging:
+    with lake.write_asset(CLASSIFIER) as staging:
         clf.save(staging)
         (staging / "confusion_matrix.png").write_bytes(png)
         (staging / "cv.json").write_text(json.dumps(report.summary(), indent=1))
+    final = lake.asset_dir(CLASSIFIER)
     s = report.summary()
     context.log.info(f"classifier CV accuracy {s['accuracy']} (majority baseline {s['baseline_accuracy']})")
     return MaterializeResult(
@@ -204,12 +222,13 @@ def landcover_classifier(
 def landcover_map(context: AssetExecutionContext, lake: LakeResource) -> MaterializeResult:
     region, date = region_and_date(context)
     grid = ChipGrid.for_region(region)
-    clf = load_classifier(head_dir(lake, CLASSIFIER))
-    tables = partition_tables(Path(lake.uri()), region.name, date.isoformat())
+    clf = load_classifier(lake.asset_dir(CLASSIFIER))
+    root = lake.readable_root(["embeddings", "chips"], region.name, date.isoformat(), files=TABLE_FILES)
+    tables = partition_tables(root, region.name, date.isoformat())
     if tables is None:
-        path = lake.partition_dir("embeddings", region.name, date.isoformat()) / EMBEDDINGS_TABLE
+        where = lake.uri(*partition_dir(Path(), "embeddings", region.name, date.isoformat()).parts)
         raise FileNotFoundError(f"embeddings have not been materialized for {date}|{region.name} "
-                                f"({path} is missing)")
+                                f"({where} has no committed {EMBEDDINGS_TABLE})")
     obs = observations_from_tables(*tables)
     if len(obs):
         names, proba = clf.predict(obs.vectors, encoder=obs.encoder)
@@ -281,18 +300,19 @@ def landcover_segmentation(
 ) -> MaterializeResult:
     model = build_configured_encoder(encoder)
     identity = (model.name, model.checkpoint_digest)
+    root = readable_lake(lake, ["chips"], config.regions, config.dates)  # tables and datacubes
     with open_truth(config, stac) as truth:
-        data = pixel_training_set(Path(lake.uri()), model, truth, regions=config.regions or None,
+        data = pixel_training_set(root, model, truth, regions=config.regions or None,
                                   dates=config.dates or None, log=context.log.debug)
     head, report = train_segmentation(
         data, encoder=identity, holdout=config.holdout, hidden=config.hidden, epochs=config.epochs,
         batch_size=config.batch_size, lr=config.lr, seed=config.seed,
         device=str(resolve_device(encoder.device)), log=context.log.debug)
-    final = head_dir(lake, SEGMENTATION)
     metrics = {"model": report.model, "baseline": report.baseline, **report.summary()}
-    with swap_directory(final) as staging:
+    with lake.write_asset(SEGMENTATION) as staging:
         head.save(staging)
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    final = lake.asset_dir(SEGMENTATION)
     s = report.summary()
     per_class = {c: v for c, v in report.model["per_class"].items() if v["support"]}
     return MaterializeResult(
@@ -337,15 +357,16 @@ def landcover_segmentation_map(
 ) -> MaterializeResult:
     region, date = region_and_date(context)
     grid = ChipGrid.for_region(region)
-    head = load_segmentation_head(head_dir(lake, SEGMENTATION))
+    head = load_segmentation_head(lake.asset_dir(SEGMENTATION))
     model = build_configured_encoder(encoder)
     check_same_encoder("this segmentation decoder", head.encoder, (model.name, model.checkpoint_digest))
-    rows = partition_chip_rows(Path(lake.uri()), region.name, date.isoformat())
+    root = lake.readable_root(["chips"], region.name, date.isoformat())  # table and datacubes
+    rows = partition_chip_rows(root, region.name, date.isoformat())
     size = grid.chip_size
     codes = np.full((grid.height, grid.width), NODATA, np.uint8)
     confidence = np.zeros_like(codes)
     started = time.perf_counter()
-    for part, features in feature_batches(Path(lake.uri()), rows, model):
+    for part, features in feature_batches(root, rows, model):
         chip_codes, chip_conf = head.predict(features, encoder=(model.name, model.checkpoint_digest))
         for r, k, p in zip(part, chip_codes, chip_conf, strict=True):
             window = np.s_[r["row"] * size : (r["row"] + 1) * size, r["col"] * size : (r["col"] + 1) * size]

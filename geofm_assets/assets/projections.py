@@ -32,7 +32,7 @@ from geofm_assets.analysis.series import RegionSeries, load_region_series
 from geofm_assets.assets.embeddings import embeddings
 from geofm_assets.assets.tiles import md_image
 from geofm_assets.automation import follows_new_dates_of_region
-from geofm_assets.lake import EMBEDDINGS_TABLE
+from geofm_assets.lake import EMBEDDINGS_TABLE, region_dir
 from geofm_assets.partitions import all_dates_of_region, region_of, region_partitions
 from geofm_assets.resources.lake import LakeResource
 
@@ -59,10 +59,15 @@ class ProjectionsConfig(Config):
     )
 
 
-def embeddings_row_count(lake: LakeResource, region: str) -> int:
-    """Rows in every ``embeddings`` partition of ``region``, counted from the Parquet footers
-    (independently of the series loader)."""
-    base = lake.region_dir("embeddings", region)
+# What the region-level analyses read: the embeddings tables (``readable_root``'s ``files``).
+SERIES_FILES = {"embeddings": [EMBEDDINGS_TABLE]}
+
+
+def embeddings_row_count(lake_root: Path, region: str) -> int:
+    """Rows in every ``embeddings`` partition of ``region`` under ``lake_root`` (a
+    ``LakeResource.readable_root``), counted from the Parquet footers (independently of the
+    series loader)."""
+    base = region_dir(lake_root, "embeddings", region)
     return sum(pq.read_metadata(p).num_rows for p in base.glob(f"date=*/{EMBEDDINGS_TABLE}"))
 
 
@@ -137,7 +142,8 @@ def embedding_projections(
     context: AssetExecutionContext, config: ProjectionsConfig, lake: LakeResource
 ) -> MaterializeResult:
     region = region_of(context)
-    series = load_region_series(Path(lake.uri()), region.name)
+    root = lake.readable_root(["embeddings"], region.name, files=SERIES_FILES)
+    series = load_region_series(root, region.name)
     result = project_region(series, config.n_components, config.tsne_max_points, config.seed,
                             config.tsne_threads)
     table = result.table()
@@ -168,5 +174,5 @@ def embedding_projections(
         metadata["plot_path"] = MetadataValue.path(str(out / PROJECTIONS_PLOT))
     return MaterializeResult(
         metadata=metadata,
-        check_results=projection_checks(result, table, embeddings_row_count(lake, region.name)),
+        check_results=projection_checks(result, table, embeddings_row_count(root, region.name)),
     )

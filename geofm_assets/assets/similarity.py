@@ -1,7 +1,6 @@
 """``similarity_metrics``: per chip x date, cosine similarity to the chip's baseline and to its
 previous observed date, over all dates of a region."""
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,7 +27,7 @@ from geofm_assets.analysis.similarity import (
     region_similarity,
 )
 from geofm_assets.assets.embeddings import embeddings
-from geofm_assets.assets.projections import embeddings_row_count, series_metadata
+from geofm_assets.assets.projections import SERIES_FILES, embeddings_row_count, series_metadata
 from geofm_assets.automation import follows_new_dates_of_region
 from geofm_assets.partitions import all_dates_of_region, region_of, region_partitions
 from geofm_assets.resources.lake import LakeResource
@@ -129,7 +128,8 @@ def similarity_metrics(
     context: AssetExecutionContext, config: SimilarityConfig, lake: LakeResource
 ) -> MaterializeResult:
     region = region_of(context)
-    series = load_region_series(Path(lake.uri()), region.name)
+    root = lake.readable_root(["embeddings"], region.name, files=SERIES_FILES)
+    series = load_region_series(root, region.name)
     result = region_similarity(series, config.baseline_start, config.baseline_end, config.baseline_days)
     table = result.table()
     with lake.write_region("similarity_metrics", region.name) as staging:
@@ -155,5 +155,5 @@ def similarity_metrics(
         metadata["cos_baseline_mean"] = summary["cos_baseline_mean"]
     return MaterializeResult(
         metadata=metadata,
-        check_results=similarity_checks(result, table, embeddings_row_count(lake, region.name)),
+        check_results=similarity_checks(result, table, embeddings_row_count(root, region.name)),
     )

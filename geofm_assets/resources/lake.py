@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -43,6 +43,46 @@ class LakeResource(ConfigurableResource):
     def write_region(self, asset: str, region: str) -> Iterator[Path]:
         """``write_partition`` for a region-level asset (all of a region's dates)."""
 
+    @abstractmethod
+    def readable_root(
+        self,
+        assets: Sequence[str],
+        region: str | None = None,
+        date: str | None = None,
+        files: Mapping[str, Sequence[str]] | None = None,
+    ) -> Path:
+        """A local folder under which the committed partitions of ``assets`` can be read at
+        their lake paths: ``{asset}/region={r}/date={d}/...`` (and a region-level asset's
+        ``{asset}/region={r}/...``), for the readers that take a lake root (``load_region_series``,
+        the heads' loaders).
+
+        Only ``region``'s partitions when given (else every region's), only ``date``'s when given
+        (with ``region``). ``files``: for an asset named in it, ``fnmatch`` patterns of the files
+        of each partition that the reader needs (e.g. ``{"chips": ["chips.parquet"]}``); the
+        others may be missing under the root. Folders of other assets under the root are not
+        kept current: read only ``assets`` there."""
+
+    @abstractmethod
+    def asset_dir(self, asset: str) -> Path:
+        """A local directory holding an unpartitioned asset's committed files, such as a trained
+        head (may not exist)."""
+
+    @abstractmethod
+    @contextmanager
+    def write_asset(self, asset: str) -> Iterator[Path]:
+        """``write_partition`` for an unpartitioned asset: its whole folder ``{asset}``."""
+
+
+def readable_scope(asset: str, region: str | None, date: str | None) -> Path:
+    """The lake-relative folder of ``asset`` that ``readable_root`` covers."""
+    if date is not None:
+        if region is None:
+            raise ValueError(f"reading {asset} on {date}: name the region as well as the date")
+        return lake.partition_dir(Path(), asset, region, date)
+    if region is not None:
+        return lake.region_dir(Path(), asset, region)
+    return Path(lake.checked_segment("asset", asset))
+
 
 class LocalLakeResource(LakeResource):
     """The embedded default: a directory (``dagster_home/lake``)."""
@@ -73,4 +113,24 @@ class LocalLakeResource(LakeResource):
     @contextmanager
     def write_region(self, asset: str, region: str) -> Iterator[Path]:
         with lake.write_region(self.root_path, asset, region) as staging:
+            yield staging
+
+    def readable_root(
+        self,
+        assets: Sequence[str],
+        region: str | None = None,
+        date: str | None = None,
+        files: Mapping[str, Sequence[str]] | None = None,
+    ) -> Path:
+        """The lake root itself: its partitions are committed by their final rename."""
+        for asset in assets:
+            readable_scope(asset, region, date)  # the same key checks as the S3 lake
+        return self.root_path
+
+    def asset_dir(self, asset: str) -> Path:
+        return self.root_path / lake.checked_segment("asset", asset)
+
+    @contextmanager
+    def write_asset(self, asset: str) -> Iterator[Path]:
+        with lake.swap_directory(self.asset_dir(asset)) as staging:
             yield staging

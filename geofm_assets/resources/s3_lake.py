@@ -4,7 +4,7 @@ protocol of ``geofm_assets.lake_s3`` (stage, single PUTs, ``_SUCCESS`` manifest 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ from pydantic import Field, PrivateAttr
 
 from geofm_assets import lake
 from geofm_assets.lake_s3 import S3Lake, arrow_filesystem, s3_lake_connection
-from geofm_assets.resources.lake import LakeResource
+from geofm_assets.resources.lake import LakeResource, readable_scope
 
 
 class S3LakeResource(LakeResource):
@@ -76,6 +76,34 @@ class S3LakeResource(LakeResource):
     @contextmanager
     def write_region(self, asset: str, region: str) -> Iterator[Path]:
         with self.store().write(lake.region_dir(Path(), asset, region).as_posix()) as staging:
+            yield staging
+
+    def readable_root(
+        self,
+        assets: Sequence[str],
+        region: str | None = None,
+        date: str | None = None,
+        files: Mapping[str, Sequence[str]] | None = None,
+    ) -> Path:
+        """The cache root, after every committed partition of ``assets`` in scope was fetched
+        into it (each version downloaded once) and the cached copies of partitions no longer
+        committed were dropped; partitions being written, or abandoned mid-write, are not read."""
+        store = self.store()
+        for asset in assets:
+            scope = readable_scope(asset, region, date).as_posix()
+            wanted = (files or {}).get(asset)
+            if date is not None:
+                store.fetch(scope, wanted)
+            else:
+                store.fetch_committed(scope, wanted)
+        return store.cache_root
+
+    def asset_dir(self, asset: str) -> Path:
+        return self.store().fetch(lake.checked_segment("asset", asset))
+
+    @contextmanager
+    def write_asset(self, asset: str) -> Iterator[Path]:
+        with self.store().write(lake.checked_segment("asset", asset)) as staging:
             yield staging
 
     def arrow_filesystem(self):  # -> pyarrow.fs.S3FileSystem
