@@ -332,13 +332,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     rows = materialize_stages(names, regions, dates, instance)
     failed = [r for r in rows if not r["success"]]
-    partitions = [r for r in rows if "date" in r]
+    partitions = [r for r in rows if "date" in r]  # a partition has a row in each of its stages
     kept = sum(int(r.get("kept") or 0) for r in partitions)
     dropped = sum(int(r.get("dropped") or 0) for r in partitions)
     vectors = sum(int(r.get("vectors") or 0) for r in partitions)
+    partitions = list({(r["date"], r["region"]): r for r in partitions}.values())
     lake = paths.lake_root()
     print(
-        f"\n{len(rows) - len(failed)}/{len(rows)} partitions and region-level runs succeeded in "
+        f"\n{len(rows) - len(failed)}/{len(rows)} partition and region-level steps succeeded in "
         f"{time.perf_counter() - t0:.0f} s: {len(partitions)} region x date partitions, {kept} chips "
         f"kept, {dropped} dropped, {vectors} embeddings; then the region-level assets.\n"
         f"Outputs (hive-style, DuckDB reads them directly):\n"
