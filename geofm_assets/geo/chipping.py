@@ -1,8 +1,8 @@
 """Chips: 256 x 256 windows of a region mosaic on the region's chip grid, each written as a
 NetCDF datacube and an RGB thumbnail, with cloud/shadow/no-data fractions from SCL.
 
-Chips are processed a chip row at a time from one open dataset (a 256-row strip decodes each
-internal tile once); rows are spread over worker processes.
+The mosaic is tiled on the chip grid, so each chip is one tile read from a dataset opened once
+per chip row; rows are spread over worker processes.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from pathlib import Path
 import netCDF4
 import numpy as np
 import rasterio
-from PIL import Image
 from rasterio.windows import Window
 
 from geofm_assets.bands import (
@@ -28,6 +27,7 @@ from geofm_assets.bands import (
     SPECTRAL_BAND_NAMES,
     SPECTRAL_BANDS,
 )
+from geofm_assets.geo.png import fast_png
 from geofm_assets.geo.regions import ChipGrid
 
 SCL_INDEX = len(SPECTRAL_BANDS)
@@ -71,17 +71,37 @@ class ChippingResult:
         return {r: len(ids) for r, ids in self.dropped.items()}
 
 
-def chip_fractions(scl: np.ndarray, spectral: np.ndarray) -> tuple[float, float, float]:
+# SCL class -> 1 cloud, 2 cloud shadow, 0 anything else (classes past 255 are not SCL's)
+_SCL_KIND = np.zeros(256, np.uint8)
+_SCL_KIND[list(SCL_CLOUD_CLASSES)] = 1
+_SCL_KIND[list(SCL_SHADOW_CLASSES)] = 2
+
+
+def chip_fractions(
+    scl: np.ndarray, spectral: np.ndarray, spectral_valid: np.ndarray | None = None
+) -> tuple[float, float, float]:
     """(cloud, shadow, nodata) fractions of a chip: nodata over all pixels, cloud and shadow
-    over the pixels with data (SCL 8, 9, 10 are cloud; 3 is cloud shadow)."""
-    nodata = (scl == SCL_NO_DATA) | np.any(spectral == 0, axis=0)
+    over the pixels with data (SCL 8, 9, 10 are cloud; 3 is cloud shadow).
+    ``spectral_valid``: every spectral band > 0, when the caller has it already."""
+    if spectral_valid is None:
+        spectral_valid = spectral.min(axis=0) > 0
+    valid = spectral_valid & (scl != SCL_NO_DATA)
     n = scl.size
-    n_valid = n - int(nodata.sum())
+    n_valid = int(np.count_nonzero(valid))
     if n_valid == 0:
         return 0.0, 0.0, 1.0
-    cloud = int((np.isin(scl, SCL_CLOUD_CLASSES) & ~nodata).sum())
-    shadow = int((np.isin(scl, SCL_SHADOW_CLASSES) & ~nodata).sum())
-    return cloud / n_valid, shadow / n_valid, (n - n_valid) / n
+    kinds = np.bincount(np.take(_SCL_KIND, np.minimum(scl, 255))[valid], minlength=3)
+    return int(kinds[1]) / n_valid, int(kinds[2]) / n_valid, (n - n_valid) / n
+
+
+def band_means(spectral: np.ndarray, spectral_valid: np.ndarray) -> list[float]:
+    """Per band mean DN over the pixels where every band has data (0.0 where none has)."""
+    if spectral_valid.all():
+        # the same float64 sums, band by band, as indexing every pixel would give
+        return [float(m) for m in spectral.reshape(len(spectral), -1).mean(axis=1)]
+    if not spectral_valid.any():
+        return [0.0] * len(spectral)
+    return [float(b[spectral_valid].mean()) for b in spectral]
 
 
 def drop_reason(fractions: tuple[float, float, float], t: ChipThresholds) -> str | None:
@@ -184,35 +204,40 @@ def _chip_row(task: _RowTask) -> tuple[list[ChipRecord], list[tuple[str, str]]]:
     kept: list[ChipRecord] = []
     dropped: list[tuple[str, str]] = []
     out_dir = Path(task.out_dir)
-    c_min, c_max = min(task.cols), max(task.cols)
     with rasterio.open(task.tile_path) as ds:
         crs_wkt = ds.crs.to_wkt()
-        strip = ds.read(window=Window(c_min * cs, task.row * cs, (c_max - c_min + 1) * cs, cs))
-    for col in task.cols:
-        chip = strip[:, :, (col - c_min) * cs : (col - c_min + 1) * cs]  # [C H W]
-        spectral, scl = chip[:SCL_INDEX], chip[SCL_INDEX]
-        chip_id = grid.chip_id(task.row, col)
-        fractions = chip_fractions(scl, spectral)
-        reason = drop_reason(fractions, task.thresholds)
-        if reason is not None:
-            dropped.append((reason, chip_id))
-            continue
-        datacube = f"datacubes/{chip_id}.nc"
-        thumbnail = f"thumbnails/{chip_id}.png"
-        write_datacube(
-            out_dir / datacube, spectral, scl, grid=grid, row=task.row, col=col, date=task.date,
-            scene_ids=task.scene_ids, crs_wkt=crs_wkt, compress=task.compress,
-        )
-        png_tmp = out_dir / f"thumbnails/.{chip_id}.png.tmp"
-        Image.fromarray(rgb_thumbnail(spectral)).save(png_tmp, format="PNG", compress_level=1)
-        os.replace(png_tmp, out_dir / thumbnail)
-        valid = np.all(spectral > 0, axis=0)
-        means = [float(b[valid].mean()) if valid.any() else 0.0 for b in spectral]
-        kept.append(
-            ChipRecord(chip_id, task.row, col, *fractions, band_means=means,
-                       datacube_path=datacube, thumbnail_path=thumbnail)
-        )
+        for col in task.cols:
+            # the mosaic is tiled on the chip grid: a chip is one tile, read into one
+            # contiguous [C H W] array
+            chip = ds.read(window=Window(col * cs, task.row * cs, cs, cs))
+            record = _one_chip(task, col, chip, crs_wkt, out_dir)
+            if isinstance(record, ChipRecord):
+                kept.append(record)
+            else:
+                dropped.append((record, grid.chip_id(task.row, col)))
     return kept, dropped
+
+
+def _one_chip(task: _RowTask, col: int, chip: np.ndarray, crs_wkt: str, out_dir: Path) -> ChipRecord | str:
+    """The chip's record once its datacube and thumbnail are written, or why it is dropped."""
+    spectral, scl = chip[:SCL_INDEX], chip[SCL_INDEX]
+    chip_id = task.grid.chip_id(task.row, col)
+    spectral_valid = spectral.min(axis=0) > 0
+    fractions = chip_fractions(scl, spectral, spectral_valid)
+    reason = drop_reason(fractions, task.thresholds)
+    if reason is not None:
+        return reason
+    datacube = f"datacubes/{chip_id}.nc"
+    thumbnail = f"thumbnails/{chip_id}.png"
+    write_datacube(
+        out_dir / datacube, spectral, scl, grid=task.grid, row=task.row, col=col, date=task.date,
+        scene_ids=task.scene_ids, crs_wkt=crs_wkt, compress=task.compress,
+    )
+    png_tmp = out_dir / f"thumbnails/.{chip_id}.png.tmp"
+    png_tmp.write_bytes(fast_png(rgb_thumbnail(spectral)))
+    os.replace(png_tmp, out_dir / thumbnail)
+    return ChipRecord(chip_id, task.row, col, *fractions, band_means=band_means(spectral, spectral_valid),
+                      datacube_path=datacube, thumbnail_path=thumbnail)
 
 
 def chip_region_mosaic(
@@ -234,12 +259,17 @@ def chip_region_mosaic(
     rows: dict[int, list[int]] = {}
     for r, c in grid.cells:
         rows.setdefault(r, []).append(c)
+    workers = workers if workers is not None else os.cpu_count() or 1
+    # tasks of up to a chip row, small enough that each worker gets about 8 (the last ones
+    # then end close together)
+    per_task = max(1, -(-len(grid.cells) // (8 * workers)))
     tasks = [
-        _RowTask(str(tile_path), grid, r, tuple(cols), date, tuple(scene_ids), str(out_dir),
-                 thresholds, compress)
+        _RowTask(str(tile_path), grid, r, tuple(cols[i : i + per_task]), date, tuple(scene_ids),
+                 str(out_dir), thresholds, compress)
         for r, cols in sorted(rows.items())
+        for i in range(0, len(cols), per_task)
     ]
-    workers = workers if workers is not None else min(os.cpu_count() or 1, len(tasks))
+    workers = min(workers, len(tasks))
     if workers > 1 and len(grid.cells) >= 2 * workers * 4:
         ctx = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(workers, mp_context=ctx) as pool:

@@ -114,9 +114,34 @@ def cog_options_for(hrefs: Iterable[str], environ: Mapping[str, str] | None = No
     return _environment_wins(LOCAL_COG_OPTIONS, env)
 
 
+def gdal_cache_bytes(value: str) -> int:
+    """``GDAL_CACHEMAX`` as GDAL reads the configuration option, in bytes: a number below
+    100000 is megabytes, a larger one bytes, ``N%`` a share of physical memory."""
+    text = value.strip()
+    try:
+        if text.endswith("%"):
+            share = float(text[:-1])
+            if not 0 < share <= 100:
+                raise ValueError
+            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * share / 100)
+        number = int(text)
+        if number <= 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(
+            f"GDAL_CACHEMAX={value!r} is not a cache size: set it to megabytes (e.g. 256), "
+            "bytes (>= 100000) or a share of memory (e.g. 5%), or unset it"
+        ) from None
+    return number * 2**20 if number < 100_000 else number
+
+
 def cog_env(hrefs: Iterable[str]) -> rasterio.Env:
     """A ``rasterio.Env`` to open and read ``hrefs`` in. GDAL configuration options are
-    process-wide, so reads in worker threads started inside it see them too."""
+    process-wide, so reads in worker threads started inside it see them too.
+
+    rasterio hands an integer ``GDAL_CACHEMAX`` to ``GDALSetCacheMax64``, which takes bytes:
+    the option's megabytes are converted here (passing 256 meant a 256-byte cache, so every
+    internal tile was decoded again for each window that touched it)."""
     options: dict[str, str | int] = dict(cog_options_for(hrefs))
-    options["GDAL_CACHEMAX"] = int(options["GDAL_CACHEMAX"])  # rasterio sets it as a number
+    options["GDAL_CACHEMAX"] = gdal_cache_bytes(str(options["GDAL_CACHEMAX"]))
     return rasterio.Env(**options)

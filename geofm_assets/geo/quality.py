@@ -12,6 +12,7 @@ import rasterio
 import shapely
 
 from geofm_assets.bands import SPECTRAL_BANDS, TILE_BAND_NAMES
+from geofm_assets.geo.cog import cog_layout_problems
 from geofm_assets.geo.regions import ChipGrid
 
 CheckOutcome = tuple[bool, dict[str, Any]]
@@ -36,6 +37,7 @@ def check_mosaic_cog(path: Path, grid: ChipGrid) -> CheckOutcome:
         if not ds.transform.almost_equals(grid.transform):
             problems.append(f"transform {tuple(ds.transform)[:6]} is off the region grid")
         layout = ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT")
+    problems += cog_layout_problems(path)
     return not problems, {"problems": problems, "layout": layout}
 
 
