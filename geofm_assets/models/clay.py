@@ -576,13 +576,6 @@ class ClayEncoder(Encoder):
         cells = cells6.mean(dim=(2, 4), dtype=torch.float32).to(torch.float16)  # [B g g D]
         return emb, cells, torch.isfinite(emb).all() & torch.isfinite(cells).all()
 
-    def embed_and_pool(self, datacube: Datacube, grid: int) -> tuple[np.ndarray, np.ndarray]:
-        """``forward_pooled``'s embeddings and cells as numpy arrays, checked finite."""
-        emb, cells, finite = self.forward_pooled(datacube, grid)
-        if cells is None or not bool(finite):
-            raise EncoderError(f"{self.name} produced non-finite outputs (or grid 0: no cells)")
-        return emb.cpu().numpy(), cells.cpu().numpy()
-
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)

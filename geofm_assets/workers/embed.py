@@ -467,7 +467,8 @@ def embed_partition(
         in_flight: _InFlight | None = None
 
         def record(batch: _Batch, emb: np.ndarray, cells: np.ndarray | None, cells_checked: bool) -> None:
-            """Check one batch's outputs and hand them to the writers."""
+            """Check one batch's outputs and hand them to the writers (``cells_checked``: the
+            encoder already checked the cells for non-finite values)."""
             nonlocal done
             b = len(batch.chip_ids)
             emb = np.asarray(emb, dtype=np.float32)
@@ -506,8 +507,7 @@ def embed_partition(
             pending = prepare(following) if following is not None else None  # its upload overlaps
             b = len(batch.chip_ids)
             t0 = time.perf_counter()
-            fmap = cells = None
-            cells_checked = False  # the encoder checked them for non-finite values
+            cells = None
             try:
                 if gpu is not None:
                     cube["pixels"] = gpu.ready(cube["pixels"], event)
@@ -539,7 +539,7 @@ def embed_partition(
             except Exception as exc:
                 raise EmbeddingError(f"embedding failed for chips {batch.chip_ids}: {exc}") from exc
             model_seconds += time.perf_counter() - t0
-            record(batch, emb, cells, cells_checked)
+            record(batch, emb, cells, False)
         if in_flight is not None:
             t0 = time.perf_counter()
             finish(in_flight)
