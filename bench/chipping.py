@@ -5,8 +5,10 @@
 Pipeline: ``sentinel2_tiles`` + ``chips`` for a region x date as the assets run them
 (scene COG windows -> mosaic COG -> chips with NetCDF datacubes, thumbnails, fractions).
 Limit: the same scene COG windows read with rasterio (rows of chips from open datasets), the
-20 m bands upsampled, and each chip's bytes written as an uncompressed NetCDF and a PNG (the
-pipeline's own encoder, ``geo.png.fast_png``), nothing else, on all cores. Every chip is kept
+20 m bands upsampled, and each chip's bytes written as an uncompressed NetCDF and a PNG, the
+fastest way we have (the pipeline's own ``geo.datacube.DatacubeWriter``, which writes the same
+file as netCDF4 does in an eighth of the time, and ``geo.png.fast_png``), nothing else, on all
+cores. Every chip is kept
 in both (thresholds at 1.0), so both do the same chips. Peak memory is measured for a small and
 a large region in fresh processes.
 Both are timed ``--repeat`` times over the dates, the two in alternating order; the figures
@@ -32,16 +34,17 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import netCDF4
 import numpy as np
 import rasterio
 import shapely
 from pyproj import Transformer
+from rasterio.crs import CRS
 from rasterio.windows import Window
 
 from geofm_assets.bands import SPECTRAL_BANDS, TILE_BAND_NAMES
 from geofm_assets.geo.catalog import StaticCatalog
 from geofm_assets.geo.chipping import ChipThresholds, chip_region_mosaic, rgb_thumbnail
+from geofm_assets.geo.datacube import DatacubeWriter
 from geofm_assets.geo.mosaic import COG_COMPRESSIONS, upsample2x_bilinear
 from geofm_assets.geo.png import fast_png
 from geofm_assets.geo.regions import ChipGrid, Region
@@ -93,6 +96,8 @@ def _limit_rows(args: tuple[list[Scene], ChipGrid, list[int], str]) -> int:
     scenes, grid, rows, out = args
     cs = grid.chip_size
     datasets = {(s.item_id, n): rasterio.open(s.assets[n].href) for s in scenes for n in TILE_BAND_NAMES}
+    date = scenes[0].datetime.date()
+    writer = DatacubeWriter(grid, date, [s.item_id for s in scenes], CRS.from_epsg(grid.epsg).to_wkt())
     n = 0
     try:
         for row in rows:
@@ -113,15 +118,10 @@ def _limit_rows(args: tuple[list[Scene], ChipGrid, list[int], str]) -> int:
                         bands.append(np.repeat(np.repeat(a, f, 0), f, 1) if f > 1 else a)
                 strips.append(np.stack(bands))
             for col in range(grid.n_cols):
-                chip = strips[0][: len(SPECTRAL_BANDS), :, col * cs : (col + 1) * cs]
-                with netCDF4.Dataset(Path(out) / f"{row}_{col}.nc", "w") as nc:
-                    nc.createDimension("band", len(SPECTRAL_BANDS))
-                    nc.createDimension("y", cs)
-                    nc.createDimension("x", cs)
-                    v = nc.createVariable("reflectance", "u2", ("band", "y", "x"))
-                    v.set_auto_maskandscale(False)
-                    v[:] = chip
-                (Path(out) / f"{row}_{col}.png").write_bytes(fast_png(rgb_thumbnail(chip)))
+                chip = strips[0][:, :, col * cs : (col + 1) * cs]
+                spectral = chip[: len(SPECTRAL_BANDS)]
+                writer.write(Path(out) / f"{row}_{col}.nc", spectral, chip[len(SPECTRAL_BANDS)], row, col)
+                (Path(out) / f"{row}_{col}.png").write_bytes(fast_png(rgb_thumbnail(spectral)))
                 n += 1
     finally:
         for ds in datasets.values():

@@ -15,7 +15,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import netCDF4
 import numpy as np
 import rasterio
 from rasterio.windows import Window
@@ -27,6 +26,7 @@ from geofm_assets.bands import (
     SPECTRAL_BAND_NAMES,
     SPECTRAL_BANDS,
 )
+from geofm_assets.geo.datacube import DatacubeWriter
 from geofm_assets.geo.png import fast_png
 from geofm_assets.geo.regions import ChipGrid
 
@@ -122,70 +122,6 @@ def rgb_thumbnail(spectral: np.ndarray) -> np.ndarray:
     return (rgb * 255 + 0.5).astype(np.uint8).transpose(1, 2, 0)
 
 
-def write_datacube(
-    path: Path,
-    spectral: np.ndarray,
-    scl: np.ndarray,
-    *,
-    grid: ChipGrid,
-    row: int,
-    col: int,
-    date: dt.date,
-    scene_ids: Sequence[str],
-    crs_wkt: str,
-    compress: bool = False,
-) -> None:
-    """A CF-style NetCDF datacube: reflectance[band, y, x] with band names and wavelengths,
-    scl[y, x], x/y pixel-centre coordinates, time, and a grid mapping with CRS and transform."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    t = grid.chip_transform(row, col)
-    cs = grid.chip_size
-    with netCDF4.Dataset(tmp, "w", format="NETCDF4") as nc:
-        nc.createDimension("band", len(SPECTRAL_BANDS))
-        nc.createDimension("y", cs)
-        nc.createDimension("x", cs)
-        nc.createDimension("time", 1)
-        band = nc.createVariable("band", str, ("band",))
-        band[:] = np.array(SPECTRAL_BAND_NAMES, dtype=object)
-        wl = nc.createVariable("wavelength", "f4", ("band",))
-        wl[:] = [b.wavelength for b in SPECTRAL_BANDS]
-        wl.units = "micrometre"
-        x = nc.createVariable("x", "f8", ("x",))
-        x[:] = t.c + (np.arange(cs) + 0.5) * t.a
-        x.standard_name, x.units = "projection_x_coordinate", "m"
-        y = nc.createVariable("y", "f8", ("y",))
-        y[:] = t.f + (np.arange(cs) + 0.5) * t.e
-        y.standard_name, y.units = "projection_y_coordinate", "m"
-        time = nc.createVariable("time", "i4", ("time",))
-        time[:] = [(date - dt.date(1970, 1, 1)).days]
-        time.units, time.calendar = "days since 1970-01-01", "standard"
-        gm = nc.createVariable("spatial_ref", "i4")
-        gm.crs_wkt = crs_wkt
-        gm.spatial_ref = crs_wkt
-        gm.epsg_code = f"EPSG:{grid.epsg}"
-        gm.GeoTransform = " ".join(str(v) for v in (t.c, t.a, t.b, t.f, t.d, t.e))
-        refl = nc.createVariable(
-            "reflectance", "u2", ("band", "y", "x"), fill_value=0, zlib=compress, complevel=1,
-            shuffle=compress,
-        )
-        refl.scale_factor_reflectance = 0.0001
-        refl.long_name = "surface reflectance x 10000, harmonized to processing baseline < 04.00"
-        refl.grid_mapping = "spatial_ref"
-        refl.set_auto_maskandscale(False)
-        refl[:] = spectral
-        s = nc.createVariable("scl", "u1", ("y", "x"), zlib=compress, complevel=1, shuffle=compress)
-        s.long_name = "Sentinel-2 scene classification layer"
-        s.grid_mapping = "spatial_ref"
-        s[:] = scl.astype(np.uint8)
-        nc.chip_id = grid.chip_id(row, col)
-        nc.region = grid.region
-        nc.date = date.isoformat()
-        nc.epsg = grid.epsg
-        nc.scene_ids = ",".join(scene_ids)
-        nc.Conventions = "CF-1.8"
-    os.replace(tmp, path)
-
-
 @dataclass(frozen=True)
 class _RowTask:
     tile_path: str
@@ -199,18 +135,34 @@ class _RowTask:
     compress: bool
 
 
+# The process's datacube writer for the partition it is chipping (its template is made once,
+# not once per task): keyed by what a datacube's shared bytes depend on.
+_WRITER: dict[tuple[object, ...], DatacubeWriter] = {}
+
+
+def _datacube_writer(task: _RowTask, crs_wkt: str) -> DatacubeWriter:
+    key = (task.grid, task.date, task.scene_ids, crs_wkt, task.compress)
+    writer = _WRITER.get(key)
+    if writer is None:
+        _WRITER.clear()
+        writer = _WRITER[key] = DatacubeWriter(
+            task.grid, task.date, task.scene_ids, crs_wkt, compress=task.compress
+        )
+    return writer
+
+
 def _chip_row(task: _RowTask) -> tuple[list[ChipRecord], list[tuple[str, str]]]:
     grid, cs = task.grid, task.grid.chip_size
     kept: list[ChipRecord] = []
     dropped: list[tuple[str, str]] = []
     out_dir = Path(task.out_dir)
     with rasterio.open(task.tile_path) as ds:
-        crs_wkt = ds.crs.to_wkt()
+        writer = _datacube_writer(task, ds.crs.to_wkt())
         for col in task.cols:
             # the mosaic is tiled on the chip grid: a chip is one tile, read into one
             # contiguous [C H W] array
             chip = ds.read(window=Window(col * cs, task.row * cs, cs, cs))
-            record = _one_chip(task, col, chip, crs_wkt, out_dir)
+            record = _one_chip(task, col, chip, writer, out_dir)
             if isinstance(record, ChipRecord):
                 kept.append(record)
             else:
@@ -218,7 +170,9 @@ def _chip_row(task: _RowTask) -> tuple[list[ChipRecord], list[tuple[str, str]]]:
     return kept, dropped
 
 
-def _one_chip(task: _RowTask, col: int, chip: np.ndarray, crs_wkt: str, out_dir: Path) -> ChipRecord | str:
+def _one_chip(
+    task: _RowTask, col: int, chip: np.ndarray, writer: DatacubeWriter, out_dir: Path
+) -> ChipRecord | str:
     """The chip's record once its datacube and thumbnail are written, or why it is dropped."""
     spectral, scl = chip[:SCL_INDEX], chip[SCL_INDEX]
     chip_id = task.grid.chip_id(task.row, col)
@@ -229,10 +183,7 @@ def _one_chip(task: _RowTask, col: int, chip: np.ndarray, crs_wkt: str, out_dir:
         return reason
     datacube = f"datacubes/{chip_id}.nc"
     thumbnail = f"thumbnails/{chip_id}.png"
-    write_datacube(
-        out_dir / datacube, spectral, scl, grid=task.grid, row=task.row, col=col, date=task.date,
-        scene_ids=task.scene_ids, crs_wkt=crs_wkt, compress=task.compress,
-    )
+    writer.write(out_dir / datacube, spectral, scl, task.row, col)
     png_tmp = out_dir / f"thumbnails/.{chip_id}.png.tmp"
     png_tmp.write_bytes(fast_png(rgb_thumbnail(spectral)))
     os.replace(png_tmp, out_dir / thumbnail)
