@@ -49,13 +49,15 @@ import platform
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import faiss as _faiss
 import numpy as np
 
-from geofm_assets.search.base import SearchFilter, VectorRecord
+from geofm_assets.search.base import SearchFilter, VectorRecord, VectorStore
 from geofm_assets.search.faiss_store import (
     HNSW_EF_CONSTRUCTION,
     HNSW_M,
@@ -201,6 +203,68 @@ def legacy_filtered(
     return rows[_top_k(scores, K)]
 
 
+CELLS = [(r, d) for r in REGIONS for d in DATES]  # the bench's partitions, region x date
+
+
+def matching_rows(flt: SearchFilter | None, cell: np.ndarray) -> np.ndarray:
+    """Bench ids of the rows ``flt`` matches (row i is in partition ``CELLS[cell[i]]``)."""
+    if flt is None:
+        return np.arange(cell.size)
+    wanted = [j for j, (r, d) in enumerate(CELLS) if flt.matches("", d, r)]
+    return np.flatnonzero(np.isin(cell, wanted))
+
+
+def measure_filters(
+    search: Callable[[np.ndarray, SearchFilter | None], list[Any]],
+    base: np.ndarray,
+    qs: np.ndarray,
+    cell: np.ndarray,
+    path_of: Callable[[SearchFilter | None, int], str],
+) -> dict[str, Any]:
+    """Single-query latency and recall@10 of a store's ``search(q, filter)`` (hits whose chip
+    ids are ``c{bench id}``) with no filter and each of ``FILTERS``, against an exact search of
+    the matching rows in this process."""
+    filters: dict[str, Any] = {}
+    for name, flt in FILTERS.items():
+        subset = matching_rows(flt, cell)
+        truth = subset_truth(base, subset, qs)
+        search(qs[0], flt)  # warm-up
+        times, found, sizes = [], [], []
+        for q in qs:
+            t1 = time.perf_counter()
+            hits = search(q, flt)
+            times.append(time.perf_counter() - t1)
+            sizes.append(len(hits))
+            found.append([int(h.chip_id[1:]) for h in hits])
+        t = np.asarray(times) * 1e3
+        hit = [len(set(f) & set(tr.tolist())) / K for f, tr in zip(found, truth, strict=True)]
+        filters[name] = {
+            "matching": int(subset.size),
+            "share": subset.size / base.shape[0],
+            "path": path_of(flt, int(subset.size)),
+            "p50_ms": float(np.percentile(t, 50)),
+            "p99_ms": float(np.percentile(t, 99)),
+            "recall": float(np.mean(hit)),
+            "all_k": bool(min(sizes) == K),
+        }
+    return filters
+
+
+def bench_records(base: np.ndarray, rows: np.ndarray, region: str, date: dt.date) -> list[VectorRecord]:
+    return [
+        VectorRecord(f"c{i}", date, region, base[i], -63.0 + (i % 100) * 1e-3, -9.0) for i in rows.tolist()
+    ]
+
+
+def upsert_all(store: VectorStore, base: np.ndarray, cell: np.ndarray) -> float:
+    """Every bench partition upserted into ``store`` as model "bench"; seconds taken."""
+    t0 = time.perf_counter()
+    for j, (region, date) in enumerate(CELLS):
+        records = bench_records(base, np.flatnonzero(cell == j), region, date)
+        store.upsert_partition("bench", region, date, records)
+    return time.perf_counter() - t0
+
+
 def through_store(base: np.ndarray, queries: np.ndarray, keep_index: bool = False) -> dict[str, Any]:
     """The vectors written through ``FaissStore`` (default limits) as 4 regions x 6 dates of
     partitions, its ANN index built ahead with ``build_index``, then single-query latency and
@@ -211,21 +275,8 @@ def through_store(base: np.ndarray, queries: np.ndarray, keep_index: bool = Fals
     n = base.shape[0]
     with tempfile.TemporaryDirectory() as tmp:
         store = FaissStore(tmp)
-        cells = [(r, d) for r in REGIONS for d in DATES]
-        cell = np.arange(n) % len(cells)
-        t0 = time.perf_counter()
-        for j, (region, date) in enumerate(cells):
-            idx = np.flatnonzero(cell == j)
-            store.upsert_partition(
-                "bench",
-                region,
-                date,
-                [
-                    VectorRecord(f"c{i}", date, region, base[i], -63.0 + (i % 100) * 1e-3, -9.0)
-                    for i in idx.tolist()
-                ],
-            )
-        write_s = time.perf_counter() - t0
+        cell = np.arange(n) % len(CELLS)
+        write_s = upsert_all(store, base, cell)
         t0, cpu0 = time.perf_counter(), time.process_time()
         built = building(lambda: store.build_index("bench"))  # load + ANN build (or read) + persist
         index_s, index_cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
@@ -238,42 +289,17 @@ def through_store(base: np.ndarray, queries: np.ndarray, keep_index: bool = Fals
             flush=True,
         )
         qs = queries[:STORE_QUERIES]
-        filters: dict[str, Any] = {}
-        for name, flt in FILTERS.items():
-            if flt is None:
-                subset = np.arange(n)
-            else:
-                wanted = [j for j, (r, d) in enumerate(cells) if flt.matches("", d, r)]
-                subset = np.flatnonzero(np.isin(cell, wanted))  # bench ids of the matching rows
-            truth = subset_truth(base, subset, qs)
-            store.search("bench", qs[0], K, flt)  # warm-up
-            times, found, sizes = [], [], []
-            for q in qs:
-                t1 = time.perf_counter()
-                hits = store.search("bench", q, K, flt)
-                times.append(time.perf_counter() - t1)
-                sizes.append(len(hits))
-                found.append([int(h.chip_id[1:]) for h in hits])
-            path = "exact"
-            if store.uses_ann(loaded, K, int(subset.size), filtered=flt is not None):
-                path = built["type"]
-                if path == "hnsw_flat":
-                    fetch = _fetched(K, int(subset.size), flt is not None)
-                    ef = hnsw_ef_search(K, fetch, n, int(subset.size))
-                    path += f" efSearch={ef}"
-            t = np.asarray(times) * 1e3
-            hit = [len(set(f) & set(tr.tolist())) / K for f, tr in zip(found, truth, strict=True)]
-            filters[name] = {
-                "matching": int(subset.size),
-                "share": subset.size / n,
-                "path": path,
-                "p50_ms": float(np.percentile(t, 50)),
-                "p99_ms": float(np.percentile(t, 99)),
-                "recall": float(np.mean(hit)),
-                "all_k": bool(min(sizes) == K),
-            }
-            if name == HEADLINE:
-                head_subset = subset
+
+        def path_of(flt: SearchFilter | None, matching: int) -> str:
+            if not store.uses_ann(loaded, K, matching, filtered=flt is not None):
+                return "exact"
+            if built["type"] != "hnsw_flat":
+                return str(built["type"])
+            fetch = _fetched(K, matching, flt is not None)
+            return f"hnsw_flat efSearch={hnsw_ef_search(K, fetch, n, matching)}"
+
+        filters = measure_filters(lambda q, flt: store.search("bench", q, K, flt), base, qs, cell, path_of)
+        head_subset = matching_rows(FILTERS[HEADLINE], cell)
         head = filters[HEADLINE]
         out: dict[str, Any] = {
             "write_s": write_s,
@@ -314,6 +340,82 @@ def through_store(base: np.ndarray, queries: np.ndarray, keep_index: bool = Fals
             out["_index_file_bytes"] = (store.model_dir("bench") / "_ann" / "index.faiss").stat().st_size
             out["_row_ids"] = np.asarray([int(c[1:]) for c in loaded.chip_ids.tolist()], np.int64)
     return out
+
+
+def knn_graph_kib(client: Any) -> int:
+    """k-NN native (graph) memory in use over the cluster's nodes, KiB (k-NN stats API)."""
+    stats = client.transport.perform_request("GET", "/_plugins/_knn/stats/graph_memory_usage")
+    return sum(int(node.get("graph_memory_usage", 0)) for node in stats.get("nodes", {}).values())
+
+
+def through_opensearch(base: np.ndarray, queries: np.ndarray, url: str, client: Any = None) -> dict[str, Any]:
+    """The same partitions upserted through ``OpenSearchStore`` into a live cluster, in an index
+    of the bench's own (deleted at the end), merged to one segment (how a static index is
+    served), its graphs loaded by the k-NN warm-up API; then the same single queries, filters
+    and recall@10 as the FAISS store's. Sizes: the index's primary store on disk, and the k-NN
+    graph memory that the warm-up added on the cluster. ``client`` replaces the one built
+    from ``url`` and the ``OPENSEARCH_*`` environment variables."""
+    from geofm_assets.search import OpenSearchStore
+
+    n = base.shape[0]
+    store = OpenSearchStore(
+        url=url,
+        username=os.environ.get("OPENSEARCH_USERNAME"),
+        password=os.environ.get("OPENSEARCH_PASSWORD"),
+        verify_certs=os.environ.get("OPENSEARCH_VERIFY_CERTS", "1") != "0", timeout=600.0,
+        index_prefix=f"geofm-bench-{uuid.uuid4().hex[:8]}",
+        client=client,
+    )
+    index = store.index_name("bench")
+    try:
+        cell = np.arange(n) % len(CELLS)
+        write_s = upsert_all(store, base, cell)  # bulk requests of 500, a refresh per partition
+        t0 = time.perf_counter()
+        store.client.indices.forcemerge(index=index, max_num_segments=1, request_timeout=7200)
+        merge_s = time.perf_counter() - t0
+        graphs_before = knn_graph_kib(store.client)
+        t0 = time.perf_counter()
+        store.client.transport.perform_request("GET", f"/_plugins/_knn/warmup/{index}")
+        warmup_s = time.perf_counter() - t0
+        graph_kib = knn_graph_kib(store.client) - graphs_before
+        disk = store.client.indices.stats(index=index, metric="store")["indices"][index]["primaries"]["store"]
+        print(
+            f"  opensearch: written in {write_s:.1f} s, force-merged in {merge_s:.1f} s, warmed up in "
+            f"{warmup_s:.1f} s; {disk['size_in_bytes'] / n:.0f} B/vector on disk, "
+            f"{graph_kib * 1024 / n:.0f} B/vector of k-NN graph memory",
+            flush=True,
+        )
+        path = f"opensearch {store.engine} hnsw"
+        filters = measure_filters(
+            lambda q, flt: store.search("bench", q, K, flt), base, queries[:STORE_QUERIES], cell,
+            lambda flt, matching: path,
+        )
+        head = filters[HEADLINE]
+        return {
+            "url": store.describe("bench")["url"],
+            "engine": store.engine,
+            "write_s": write_s,
+            "force_merge_s": merge_s,
+            "warmup_s": warmup_s,
+            "disk_bytes_per_vector": disk["size_in_bytes"] / n,
+            "graph_bytes_per_vector": graph_kib * 1024 / n,
+            "p50_ms": head["p50_ms"],
+            "p99_ms": head["p99_ms"],
+            "recall": head["recall"],
+            "all_k": all(f["all_k"] for f in filters.values()),
+            "filters": filters,
+        }
+    finally:
+        store.client.indices.delete(index=index, ignore_unavailable=True)
+
+
+def report_filters(filters: dict[str, Any]) -> None:
+    for name, f in filters.items():
+        print(
+            f"    {name:17s} {f['matching']:>8d} rows ({100 * f['share']:5.1f}%)  p50 {f['p50_ms']:6.2f} ms  "
+            f"p99 {f['p99_ms']:6.2f} ms  recall@10 {f['recall']:.3f}  [{f['path']}]",
+            flush=True,
+        )
 
 
 def hnsw_row(store: dict[str, Any], queries: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
@@ -476,6 +578,16 @@ def ivf_pq_row(
         return rows
 
 
+def opensearch(rows: dict[str, Any], base: np.ndarray, queries: np.ndarray) -> None:
+    """The OpenSearch rows, when ``OPENSEARCH_URL`` names a cluster."""
+    url = os.environ.get("OPENSEARCH_URL")
+    if not url:
+        print("  opensearch: skipped, OPENSEARCH_URL is not set (no cluster to measure)", flush=True)
+        return
+    rows["opensearch"] = through_opensearch(base, queries, url)
+    report_filters(rows["opensearch"]["filters"])
+
+
 def run(n: int, dim: int, n_queries: int, rerank: int, store_only: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     base, queries, labels = clustered(n, dim, n_queries)
@@ -484,6 +596,7 @@ def run(n: int, dim: int, n_queries: int, rerank: int, store_only: bool) -> dict
     if store_only:
         print(f"# {n} x {dim}: generated in {gen_s:.1f} s", flush=True)
         rows["store_filtered"] = through_store(base, queries)
+        opensearch(rows, base, queries)
         return {"n": n, "dim": dim, "own_cluster_share": None, "options": rows}
 
     # exact (faiss's IndexFlatIP search, on the bench's own array: no second copy): truth, baseline
@@ -516,6 +629,7 @@ def run(n: int, dim: int, n_queries: int, rerank: int, store_only: bool) -> dict
             f"  hnsw (the store's) built in {store['faiss_build_s']} s, {rows['hnsw']['param']}", flush=True
         )
     store.clear()  # free the store's index before the next option
+    opensearch(rows, base, queries)
 
     # the coarse quantizer and assignment shared by IVF-Flat and IVF-PQ: nlist = 4 sqrt(N), trained
     # on 32 points a list by 10 k-means iterations, spherical, as IndexIVF trains an inner-product
@@ -555,12 +669,7 @@ def report_store(res: dict[str, Any]) -> None:
         f"{s['resident_bytes_per_vector']:.0f} B/vector held; k results every time: {s['all_k']}",
         flush=True,
     )
-    for name, f in s["filters"].items():
-        print(
-            f"    {name:17s} {f['matching']:>8d} rows ({100 * f['share']:5.1f}%)  p50 {f['p50_ms']:6.2f} ms  "
-            f"p99 {f['p99_ms']:6.2f} ms  recall@10 {f['recall']:.3f}  [{f['path']}]",
-            flush=True,
-        )
+    report_filters(s["filters"])
     if "before_p50_ms" in s:
         print(
             f"    old filtered path ({HEADLINE}): p50 {s['before_p50_ms']:.2f} ms, "

@@ -167,6 +167,13 @@ def chips(context: AssetExecutionContext, config: ChipsConfig, lake: LakeResourc
             columns=[TableColumn(f.name, str(f.type)) for f in CHIPS_SCHEMA]
         ),
     }
+    if result.datacube_writers:
+        metadata["datacube_writer"] = ", ".join(sorted(result.datacube_writers))
+    for reason in sorted(result.template_fallbacks):
+        # correct files either way, but each took ~8x longer to write
+        context.log.warning(
+            f"datacubes of {region.name} {date} written through netCDF4, not a template: {reason}"
+        )
     if status == "no_scene":
         context.log.warning(f"no scene over {region.name} on {date}: empty chips table")
     sheet = contact_sheet(

@@ -65,6 +65,10 @@ class ChipRecord:
 class ChippingResult:
     kept: list[ChipRecord] = field(default_factory=list)
     dropped: dict[str, list[str]] = field(default_factory=lambda: {r: [] for r in DROP_REASONS})
+    # how the datacubes were written ("template", "netcdf4"; both when workers differed) and,
+    # where a writer could not use a template, why (see geo.datacube.DatacubeWriter)
+    datacube_writers: set[str] = field(default_factory=set)
+    template_fallbacks: set[str] = field(default_factory=set)
 
     @property
     def dropped_counts(self) -> dict[str, int]:
@@ -151,7 +155,15 @@ def _datacube_writer(task: _RowTask, crs_wkt: str) -> DatacubeWriter:
     return writer
 
 
-def _chip_row(task: _RowTask) -> tuple[list[ChipRecord], list[tuple[str, str]]]:
+@dataclass
+class _RowOutcome:
+    kept: list[ChipRecord]
+    dropped: list[tuple[str, str]]  # (reason, chip id)
+    writer_mode: str | None  # None: no chip written
+    fallback_reason: str | None
+
+
+def _chip_row(task: _RowTask) -> _RowOutcome:
     grid, cs = task.grid, task.grid.chip_size
     kept: list[ChipRecord] = []
     dropped: list[tuple[str, str]] = []
@@ -167,7 +179,9 @@ def _chip_row(task: _RowTask) -> tuple[list[ChipRecord], list[tuple[str, str]]]:
                 kept.append(record)
             else:
                 dropped.append((record, grid.chip_id(task.row, col)))
-    return kept, dropped
+    if not kept:  # this task wrote nothing (the writer may be a reused one that did)
+        return _RowOutcome(kept, dropped, None, None)
+    return _RowOutcome(kept, dropped, writer.mode, writer.fallback_reason)
 
 
 def _one_chip(
@@ -228,10 +242,14 @@ def chip_region_mosaic(
     else:
         outcomes = [_chip_row(t) for t in tasks]
     result = ChippingResult()
-    for kept, dropped in outcomes:
-        result.kept.extend(kept)
-        for reason, chip_id in dropped:
+    for outcome in outcomes:
+        result.kept.extend(outcome.kept)
+        for reason, chip_id in outcome.dropped:
             result.dropped[reason].append(chip_id)
+        if outcome.writer_mode is not None:
+            result.datacube_writers.add(outcome.writer_mode)
+        if outcome.fallback_reason is not None:
+            result.template_fallbacks.add(outcome.fallback_reason)
     result.kept.sort(key=lambda k: (k.row, k.col))
     return result
 

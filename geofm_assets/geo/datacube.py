@@ -32,7 +32,9 @@ from geofm_assets.geo.regions import ChipGrid
 # the arrays a chip's file varies in, with their on-disk dtypes (HDF5 stores them
 # little-endian, as numpy holds them on every platform this runs on)
 _VARYING = ("reflectance", "scl", "x", "y")
-_DTYPES: dict[str, np.dtype] = {"reflectance": np.dtype("<u2"), "scl": np.dtype("u1"), "x": np.dtype("<f8"), "y": np.dtype("<f8")}
+_DTYPES: dict[str, np.dtype] = {
+    "reflectance": np.dtype("<u2"), "scl": np.dtype("u1"), "x": np.dtype("<f8"), "y": np.dtype("<f8"),
+}
 
 
 def chip_coordinates(grid: ChipGrid, row: int, col: int) -> tuple[np.ndarray, np.ndarray]:

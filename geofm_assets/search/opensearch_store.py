@@ -258,6 +258,9 @@ class OpenSearchStore(VectorStore):
         self.client = client if client is not None else self._connect(
             url, username, password, aws_region, aws_service, verify_certs, timeout
         )
+        # index -> its vector dimension, as last read from its mapping: a search is then one
+        # request, not three (exists, mapping, search); dropped when a search fails
+        self._dims: dict[str, int] = {}
 
     @staticmethod
     def _connect(
@@ -371,19 +374,35 @@ class OpenSearchStore(VectorStore):
         self, model: str, vector: np.ndarray, k: int, filter: SearchFilter | None = None
     ) -> list[SearchHit]:
         index = self.index_name(model)
-        if not self._exists(index):
-            raise nothing_indexed(model)
-        dim = self._stored_dimension(index)
-        if dim is None:
-            raise nothing_indexed(model)
-        q = normalize_query(vector, model, dim)
-        body = knn_query(q, k, filter)
-        with self._calling(f"k-NN search in {index}"):
-            response = self.client.search(index=index, body=body)
+        cached = index in self._dims
+        try:
+            response = self._knn_search(index, model, vector, k, filter)
+        except StoreError:
+            self._dims.pop(index, None)
+            if not cached:
+                raise
+            # the index may have been deleted or re-created since its dimension was read
+            response = self._knn_search(index, model, vector, k, filter)
         hits = [hit_from_doc(doc) for doc in response["hits"]["hits"]]
         if not hits and self.count(model) == 0:
             raise nothing_indexed(model)
         return sorted(hits, key=lambda h: -h.score)[:k]
+
+    def _knn_search(
+        self, index: str, model: str, vector: np.ndarray, k: int, filter: SearchFilter | None
+    ) -> dict[str, Any]:
+        dim = self._dims.get(index)
+        if dim is None:
+            if not self._exists(index):
+                raise nothing_indexed(model)
+            dim = self._stored_dimension(index)
+            if dim is None:
+                raise nothing_indexed(model)
+        q = normalize_query(vector, model, dim)  # a wrong query dimension is the caller's
+        with self._calling(f"k-NN search in {index}"):
+            response: dict[str, Any] = self.client.search(index=index, body=knn_query(q, k, filter))
+        self._dims[index] = dim
+        return response
 
     def get_vector(self, model: str, chip_id: str, date: dt.date) -> np.ndarray | None:
         from opensearchpy.exceptions import NotFoundError

@@ -92,6 +92,8 @@ def test_tiles_and_chips_for_a_partition_spanning_two_mgrs_tiles(tiny_sample, in
     assert md["chips_kept"] == table.num_rows
     assert md["chips_kept"] + md["chips_dropped"] == len(grid.cells)
     assert json.loads(table.schema.metadata[b"geo"])["primary_column"] == "geometry"
+    # every datacube went through the partition's template (geo.datacube), none through netCDF4
+    assert md["datacube_writer"] == "template"
 
     # geometry: each chip touches the region, and the kept chips lie inside the grid's
     # footprint; centroid columns agree with the geometry
@@ -151,6 +153,7 @@ def test_overcast_date_keeps_no_chip_and_counts_the_reason(tiny_sample, instance
     assert md["chips_kept"] == 0
     assert md["dropped_cloud"] >= 1
     assert md["status"] == "all_dropped"
+    assert "datacube_writer" not in md  # no datacube was written
 
 
 def test_date_without_scene_gives_an_empty_labelled_partition(tiny_sample, instance, resources):

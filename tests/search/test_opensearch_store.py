@@ -144,6 +144,7 @@ class FakeIndices:
         self.mappings[index] = {"mappings": body["mappings"]}
 
     def get_mapping(self, index: str) -> dict:
+        self.mapping_reads = getattr(self, "mapping_reads", 0) + 1
         return {index: self.mappings[index]}
 
     def refresh(self, index: str) -> None:
@@ -178,6 +179,13 @@ class FakeClient:
         return {"errors": self.bulk_failures > 0, "items": items}
 
     def search(self, index: str, body: dict) -> dict:
+        from opensearchpy.exceptions import NotFoundError, RequestError
+
+        if index not in self.indices.mappings:
+            raise NotFoundError(404, "index_not_found_exception", {"index": index})
+        dim = self.indices.mappings[index]["mappings"]["properties"]["vector"]["dimension"]
+        if len(body["query"]["knn"]["vector"]["vector"]) != dim:
+            raise RequestError(400, "illegal_argument_exception", "query vector has invalid dimension")
         self.last_search = body
         return {"hits": {"hits": [
             {"_score": 1.9, "_source": {"chip_id": "alps_r0000_c0000", "date": "2024-05-03", "region": "alps",
@@ -228,3 +236,24 @@ def test_connection_settings() -> None:
         OpenSearchStore()
     with pytest.raises(StoreError, match="aws_service"):
         OpenSearchStore(url="https://x.es.amazonaws.com", aws_region="eu-west-1", aws_service="s3")
+
+
+def test_search_reads_the_mapping_once_and_again_after_the_index_changes() -> None:
+    client = FakeClient()
+    store = OpenSearchStore(client=client)
+    store.upsert_partition("clay-v1", "alps", D1, records(3))
+    reads = client.indices.mapping_reads
+    for _ in range(3):
+        store.search("clay-v1", np.ones(4, np.float32), 2)
+    assert client.indices.mapping_reads == reads + 1  # one request a search after the first
+    # the index is re-created elsewhere with another dimension: the next search finds out,
+    # reads the new mapping and answers (or says what is wrong with the query)
+    index = store.index_name("clay-v1")
+    client.indices.create(index, index_body(8, "clay-v1"))
+    assert len(store.search("clay-v1", np.ones(8, np.float32), 2)) == 2
+    with pytest.raises(StoreError, match="query dimension 4 differs from the dimension 8"):
+        store.search("clay-v1", np.ones(4, np.float32), 2)
+    # and a deleted index is "nothing indexed", not a stale answer
+    del client.indices.mappings[index]
+    with pytest.raises(StoreError, match="nothing is indexed for model 'clay-v1'"):
+        store.search("clay-v1", np.ones(8, np.float32), 2)
