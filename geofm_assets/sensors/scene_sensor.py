@@ -8,10 +8,14 @@ the vector index and the region-level products follow by declarative automation.
 
 The cursor is JSON, one entry per region: the newest publication time requested so far and
 the items seen within ``SEEN_WINDOW`` of it (so items published with the same stamp, or
-indexed by the API a little late, are neither repeated nor missed). It advances only past
-what the tick requested. Run keys name the region, the date and a digest of that date's items
-and their publication stamps: requesting the same scenes again is a no-op for Dagster, a new
-or reprocessed item for the date is a new run.
+indexed by the API a little late, are neither repeated nor missed), and the cloud-cover limit
+it was requested under. It advances only past what the tick requested. When the limit is
+raised, a region's cursor starts again from the beginning of its catalog: the scenes that were
+too cloudy before are requested, and the dates whose items have not changed get the run keys
+they had, which Dagster does not run twice (the rescan takes a few ticks at the per-tick
+limit). Lowering the limit changes nothing already requested. Run keys name the region, the
+date and a digest of that date's items and their publication stamps: requesting the same
+scenes again is a no-op for Dagster, a new or reprocessed item for the date is a new run.
 
 Settings (read at each tick): ``GEOFM_SENSOR_MAX_CLOUD_COVER`` (percent, default 80: items
 cloudier over their whole MGRS tile are not worth a run) and ``GEOFM_SENSOR_MAX_RUNS_PER_TICK``
@@ -89,6 +93,7 @@ class RegionCursor:
 
     published: dt.datetime | None = None
     seen: dict[str, str] = field(default_factory=dict)
+    max_cloud_cover: float | None = None  # the limit requested under (None: not recorded)
 
     def query_since(self) -> dt.datetime | None:
         return None if self.published is None else self.published - SEEN_WINDOW
@@ -105,7 +110,8 @@ class RegionCursor:
         seen = {**self.seen, **{i.id: stamp(i) for i in requested}}
         floor = published - SEEN_WINDOW
         return RegionCursor(
-            published, {k: v for k, v in seen.items() if dt.datetime.fromisoformat(v) >= floor}
+            published, {k: v for k, v in seen.items() if dt.datetime.fromisoformat(v) >= floor},
+            self.max_cloud_cover,
         )
 
 
@@ -121,7 +127,7 @@ class SceneCursor:
             "version": CURSOR_VERSION,
             "regions": {
                 name: {"published": rc.published.isoformat() if rc.published else None,
-                       "seen": dict(sorted(rc.seen.items()))}
+                       "seen": dict(sorted(rc.seen.items())), "max_cloud_cover": rc.max_cloud_cover}
                 for name, rc in sorted(self.regions.items())
             },
         }, sort_keys=True)
@@ -137,9 +143,11 @@ class SceneCursor:
             regions = {}
             for name, entry in doc["regions"].items():
                 published = entry.get("published")
+                limit = entry.get("max_cloud_cover")  # absent in cursors written before it was kept
                 regions[name] = RegionCursor(
                     dt.datetime.fromisoformat(published) if published else None,
                     {str(k): str(v) for k, v in entry.get("seen", {}).items()},
+                    None if limit is None else float(limit),
                 )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(
@@ -180,6 +188,7 @@ class ScenePlan:
     requests: list[PartitionRequest]
     cursor: SceneCursor
     pending: int  # new items left for a later tick (the per-tick limit was reached)
+    rescanned: dict[str, float] = field(default_factory=dict)  # region -> the lower limit it had
 
 
 def plan_tick(
@@ -194,9 +203,14 @@ def plan_tick(
     requests: list[PartitionRequest] = []
     regions_cursor = dict(cursor.regions)
     pending = 0
+    rescanned: dict[str, float] = {}
     for name in sorted(regions):
         region = regions[name]
         rc = cursor.region(name)
+        if rc.max_cloud_cover is not None and max_cloud_cover > rc.max_cloud_cover:
+            # scenes skipped under the lower limit lie behind the cursor: start it again
+            rescanned[name] = rc.max_cloud_cover
+            rc = RegionCursor()
         new = [i for i in stac.published_since(region, rc.query_since(), max_cloud_cover)
                if rc.is_new(i)]
         for item in new:
@@ -214,9 +228,10 @@ def plan_tick(
         for day, items in sorted(by_date.items()):
             on_date = stac.search(region, day, day, max_cloud_cover)
             requests.append(PartitionRequest(name, day, tuple(items), tuple(on_date)))
-        if requested:
-            regions_cursor[name] = rc.advanced(requested)
-    return ScenePlan(requests, SceneCursor(regions_cursor), pending)
+        if requested or name in rescanned or rc.max_cloud_cover != max_cloud_cover:
+            advanced = rc.advanced(requested)
+            regions_cursor[name] = RegionCursor(advanced.published, advanced.seen, max_cloud_cover)
+    return ScenePlan(requests, SceneCursor(regions_cursor), pending, rescanned)
 
 
 @sensor(
@@ -246,7 +261,19 @@ def scene_sensor(context: SensorEvaluationContext, stac: StacResource) -> Sensor
                    f"kept; fix or remove the item and the next tick retries): {exc}")
         context.log.warning(message)
         return SkipReason(message)
+    for name, lower in sorted(plan.rescanned.items()):
+        context.log.info(
+            f"cloud-cover limit raised from {lower:g}% to {max_cloud_cover:g}%: {name}'s catalog is "
+            "scanned again from the start for the scenes skipped before (dates whose items did not "
+            "change keep their run keys and are not run again)"
+        )
     if not plan.requests:
+        if plan.cursor.to_json() != cursor.to_json():
+            return SensorResult(
+                skip_reason=f"no new Sentinel-2 item (cloud cover <= {max_cloud_cover:g}%) over "
+                f"{', '.join(sorted(REGIONS))}; cursor updated",
+                cursor=plan.cursor.to_json(),
+            )
         return SkipReason(
             f"no new Sentinel-2 item (cloud cover <= {max_cloud_cover:g}%) published over "
             f"{', '.join(sorted(REGIONS))} since the last tick"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 import os
 from pathlib import Path
@@ -167,6 +168,50 @@ def test_cloud_cover_limit_comes_from_the_environment(
     monkeypatch.setenv(MAX_CLOUD_COVER_ENV, "lots")
     with pytest.raises(ValueError, match=MAX_CLOUD_COVER_ENV):
         tick(catalog_copy.path, DagsterInstance.ephemeral())
+
+
+def test_raising_the_cloud_limit_requests_the_scenes_skipped_before(
+    catalog_copy: CatalogCopy, tiny_sample: SampleCatalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The overcast date (98.5 %) is behind the cursor once the archive is requested at 80 %;
+    raising the limit to 100 % gets it, and every other date comes back with the run key it had
+    (which Dagster does not run twice). Lowering the limit again requests nothing."""
+    instance = DagsterInstance.ephemeral()
+    first = tick(catalog_copy.path, instance)
+    assert isinstance(first, SensorResult) and first.cursor
+    register(instance, first)
+    overcast = {f"{overcast_date(tiny_sample)}|{r}" for r in REGIONS}
+    assert not overcast & set(keys_by_partition(first))
+    assert isinstance(tick(catalog_copy.path, instance, first.cursor), SkipReason)  # caught up
+
+    monkeypatch.setenv(MAX_CLOUD_COVER_ENV, "100")
+    raised = tick(catalog_copy.path, instance, first.cursor)
+    assert isinstance(raised, SensorResult) and raised.cursor
+    keys = keys_by_partition(raised)
+    assert overcast <= set(keys)
+    before = keys_by_partition(first)
+    assert {k: keys[k] for k in before} == before  # same run keys: not run again
+    assert raised.dynamic_partitions_requests  # the overcast date is a new partition key
+    cursor = SceneCursor.from_json(raised.cursor)
+    assert {rc.max_cloud_cover for rc in cursor.regions.values()} == {100.0}
+    # and once caught up at 100 %, nothing more; lowering the limit rescans nothing
+    assert isinstance(tick(catalog_copy.path, instance, raised.cursor), SkipReason)
+    monkeypatch.setenv(MAX_CLOUD_COVER_ENV, "50")
+    lowered = tick(catalog_copy.path, instance, raised.cursor)
+    assert isinstance(lowered, SensorResult) and not lowered.run_requests and lowered.cursor
+    assert {rc.max_cloud_cover for rc in SceneCursor.from_json(lowered.cursor).regions.values()} == {50.0}
+
+
+def test_a_cursor_from_before_the_limit_was_kept_is_read_and_not_rescanned(catalog_copy: CatalogCopy) -> None:
+    instance = DagsterInstance.ephemeral()
+    first = tick(catalog_copy.path, instance)
+    assert isinstance(first, SensorResult) and first.cursor
+    old = json.loads(first.cursor)
+    for entry in old["regions"].values():
+        del entry["max_cloud_cover"]
+    again = tick(catalog_copy.path, instance, json.dumps(old))
+    assert isinstance(again, SensorResult) and not again.run_requests and again.cursor
+    assert {rc.max_cloud_cover for rc in SceneCursor.from_json(again.cursor).regions.values()} == {80.0}
 
 
 def test_unavailable_catalog_skips_the_tick_and_keeps_the_cursor(
