@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -65,7 +66,7 @@ class StaticCatalog:
     """A self-contained static catalog (``catalog.json``); items are read once per process
     and re-read when the catalog file changes."""
 
-    _cache: dict[str, tuple[float, list[pystac.Item]]] = {}  # noqa: RUF012
+    _cache: dict[str, tuple[tuple[int, int], list[pystac.Item]]] = {}  # noqa: RUF012
     _lock = threading.Lock()
 
     def __init__(self, path: str | Path, collection: str = "sentinel-2-l2a") -> None:
@@ -100,14 +101,21 @@ class StaticCatalog:
             self._cache[key] = (stamp, items)
         return items
 
-    def _stamp(self) -> float:
-        """Newest modification time of the catalog and its collection's item folders."""
-        stamp = self.path.stat().st_mtime
+    def _stamp(self) -> tuple[int, int]:
+        """(files, newest modification time in ns) over the catalog, its collection folder, the
+        item folders and the JSON files in them: an item added, removed, replaced or rewritten
+        in place changes it."""
+        mtimes = [self.path.stat().st_mtime_ns]
         collection_dir = self.path.parent / self.collection
         if collection_dir.is_dir():
-            stamp = max(stamp, collection_dir.stat().st_mtime)
-            stamp = max([stamp, *(p.stat().st_mtime for p in collection_dir.iterdir())])
-        return stamp
+            mtimes.append(collection_dir.stat().st_mtime_ns)
+            with os.scandir(collection_dir) as entries:
+                for entry in entries:
+                    mtimes.append(entry.stat().st_mtime_ns)
+                    if entry.is_dir():
+                        with os.scandir(entry.path) as files:
+                            mtimes.extend(f.stat().st_mtime_ns for f in files if f.name.endswith(".json"))
+        return len(mtimes), max(mtimes)
 
     def search(
         self, bbox: BBox, start: dt.date, end: dt.date, max_cloud_cover: float = 100.0
