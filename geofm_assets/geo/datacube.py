@@ -1,27 +1,35 @@
 """Chip datacubes: CF-style NetCDF-4 files of a chip's reflectance and SCL, with band names,
-wavelengths, pixel-centre x/y coordinates, time and a grid mapping with the CRS.
+wavelengths, pixel-centre x/y coordinates, time, a grid mapping with the CRS and the chip's
+GDAL ``GeoTransform``, and the chip's id.
 
 ``write_datacube`` writes one through the netCDF4 library. ``DatacubeWriter`` writes a
-partition's chips far faster: all of them share every byte but the pixels and the x/y
-coordinates (band names, wavelengths, time, CRS and attributes are the partition's), so the
-first chip's file is written through netCDF4 as a template and each chip is that template with
-its four arrays copied over the template's. Those four variables are stored uncompressed and
-contiguous, so their values are plain bytes at fixed offsets that HDF5 does not checksum (its
-object headers, which hold the attributes, are checksummed and never touched). The offsets are
-found by writing distinctive values into the template and finding them, and a second set of
-values is copied in and read back through netCDF4 before the template is used; if anything
-about the layout is not as expected, the writer stays on the netCDF4 path. A per-chip
-attribute would be in a checksummed header, so the files carry none: a chip's identity is its
-file name, and its georeferencing the x/y coordinates (GDAL and rioxarray derive the
-transform from them).
+partition's chips about six times faster, the same bytes: all of a partition's chips share
+every byte of their file but the pixels, the x/y coordinates and two attributes (``chip_id``
+and ``GeoTransform``, written at a fixed width), so the first chip is written through netCDF4
+as a template, and each chip is that template with its values copied over the template's.
+
+- The four arrays are stored uncompressed and contiguous: plain bytes at fixed offsets, which
+  HDF5 does not checksum.
+- The two attributes lie in HDF5 object headers (version 2), which carry a checksum; the
+  header holding each is located, and its checksum recomputed with HDF5's own function
+  (``H5_checksum_metadata`` from the HDF5 library netCDF4 loaded) after the copy.
+- Offsets are found by writing distinctive values into the template and finding them; an
+  object header is accepted only where its stored checksum verifies. Then a second set of
+  values is copied in and read back through netCDF4 before the template is used.
+
+If anything about the layout is not as expected, the writer says why (``fallback_reason``) and
+writes every chip through netCDF4.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import cache
 from pathlib import Path
+from typing import cast
 
 import netCDF4
 import numpy as np
@@ -35,6 +43,15 @@ _VARYING = ("reflectance", "scl", "x", "y")
 _DTYPES: dict[str, np.dtype] = {
     "reflectance": np.dtype("<u2"), "scl": np.dtype("u1"), "x": np.dtype("<f8"), "y": np.dtype("<f8"),
 }
+_ATTRIBUTES = ("chip_id", "GeoTransform")  # per-chip attributes (global; on spatial_ref)
+# GeoTransform is written space-padded to this width (six float reprs of at most 24 characters
+# and five spaces), so that every chip's is as long as the template's; GDAL and rioxarray split
+# it on white space
+GEOTRANSFORM_WIDTH = 6 * 24 + 5
+
+
+class _LayoutError(Exception):
+    """The template's bytes are not laid out as the writer expects."""
 
 
 def chip_coordinates(grid: ChipGrid, row: int, col: int) -> tuple[np.ndarray, np.ndarray]:
@@ -44,9 +61,16 @@ def chip_coordinates(grid: ChipGrid, row: int, col: int) -> tuple[np.ndarray, np
     return t.c + cs * t.a, t.f + cs * t.e
 
 
+def geo_transform_text(grid: ChipGrid, row: int, col: int) -> str:
+    """The chip's GDAL GeoTransform attribute, padded with spaces to ``GEOTRANSFORM_WIDTH``."""
+    t = grid.chip_transform(row, col)
+    return " ".join(repr(float(v)) for v in (t.c, t.a, t.b, t.f, t.d, t.e)).ljust(GEOTRANSFORM_WIDTH)
+
+
 def _write_netcdf(
     path: Path,
     arrays: dict[str, np.ndarray],
+    attributes: dict[str, str],
     *,
     grid: ChipGrid,
     date: dt.date,
@@ -78,6 +102,7 @@ def _write_netcdf(
         gm.crs_wkt = crs_wkt
         gm.spatial_ref = crs_wkt
         gm.epsg_code = f"EPSG:{grid.epsg}"
+        gm.GeoTransform = attributes["GeoTransform"]
         # compressed variables are chunked; uncompressed ones are contiguous, which the
         # template writer relies on
         layout = {"zlib": True, "complevel": 1, "shuffle": True} if compress else {"contiguous": True}
@@ -91,6 +116,7 @@ def _write_netcdf(
         s.long_name = "Sentinel-2 scene classification layer"
         s.grid_mapping = "spatial_ref"
         s[:] = arrays["scl"]
+        nc.chip_id = attributes["chip_id"]
         nc.region = grid.region
         nc.date = date.isoformat()
         nc.epsg = grid.epsg
@@ -98,9 +124,9 @@ def _write_netcdf(
         nc.Conventions = "CF-1.8"
 
 
-def _chip_arrays(
+def _chip_values(
     grid: ChipGrid, row: int, col: int, spectral: np.ndarray, scl: np.ndarray
-) -> dict[str, np.ndarray]:
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     cs = grid.chip_size
     if spectral.shape != (len(SPECTRAL_BANDS), cs, cs) or scl.shape != (cs, cs):
         raise ValueError(
@@ -109,7 +135,8 @@ def _chip_arrays(
         )
     x, y = chip_coordinates(grid, row, col)
     arrays = {"reflectance": spectral, "scl": scl, "x": x, "y": y}
-    return {k: np.ascontiguousarray(a, dtype=_DTYPES[k]) for k, a in arrays.items()}
+    attributes = {"chip_id": grid.chip_id(row, col), "GeoTransform": geo_transform_text(grid, row, col)}
+    return {k: np.ascontiguousarray(a, dtype=_DTYPES[k]) for k, a in arrays.items()}, attributes
 
 
 def write_datacube(
@@ -128,12 +155,66 @@ def write_datacube(
     """One chip's datacube through netCDF4, written under a temporary name and renamed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
+    arrays, attributes = _chip_values(grid, row, col, spectral, scl)
     try:
-        _write_netcdf(tmp, _chip_arrays(grid, row, col, spectral, scl), grid=grid, date=date,
-                      scene_ids=scene_ids, crs_wkt=crs_wkt, compress=compress)
+        _write_netcdf(tmp, arrays, attributes, grid=grid, date=date, scene_ids=scene_ids,
+                      crs_wkt=crs_wkt, compress=compress)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+Checksum = Callable[[bytes, int, int], int]
+
+
+@cache
+def _hdf5_checksum() -> Checksum | None:
+    """HDF5's metadata checksum (Jenkins' lookup3, as the library writes it), from a libhdf5
+    already loaded into this process (netCDF4's); None when none is found."""
+    try:
+        with open("/proc/self/maps") as maps:
+            mapped = {line.split()[-1] for line in maps if "/" in line}
+        paths = sorted(p for p in mapped if Path(p).name.startswith("libhdf5") and "_hl" not in Path(p).name)
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            fn = ctypes.CDLL(path).H5_checksum_metadata
+        except (OSError, AttributeError):
+            continue
+        fn.restype = ctypes.c_uint32
+        fn.argtypes = (ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint32)
+        return cast(Checksum, fn)
+    return None
+
+
+def _object_header(buf: bytes, at: int, n: int, checksum: Checksum) -> tuple[int, int]:
+    """(start, checksum offset) of the object header chunk that holds bytes [at, at + n): the
+    nearest chunk before ``at`` that spans them and whose stored checksum verifies. A chunk is
+    a version-2 header's first ("OHDR", its length in its prefix) or a continuation ("OCHK",
+    its length in the continuation message that points at it: file offset and length, 8 bytes
+    each)."""
+    candidates: list[tuple[int, int]] = []  # (start, checksum at)
+    start = at
+    while (start := buf.rfind(b"OHDR", 0, start)) >= 0:
+        flags = buf[start + 5]
+        pos = start + 6 + (16 if flags & 0x20 else 0) + (4 if flags & 0x10 else 0)  # times, phase change
+        width = 1 << (flags & 0x03)
+        if buf[start + 4] == 2:
+            candidates.append((start, pos + width + int.from_bytes(buf[pos : pos + width], "little")))
+    start = at
+    while (start := buf.rfind(b"OCHK", 0, start)) >= 0:
+        pointer = start.to_bytes(8, "little")
+        ref = -1
+        while (ref := buf.find(pointer, ref + 1)) >= 0:
+            length = int.from_bytes(buf[ref + 8 : ref + 16], "little")
+            candidates.append((start, start + length - 4))
+    for start, end in sorted(candidates, reverse=True):  # the nearest first
+        if start < at and at + n <= end <= len(buf) - 4:
+            stored = int.from_bytes(buf[end : end + 4], "little")
+            if checksum(bytes(buf[start:end]), end - start, 0) == stored:
+                return start, end
+    raise _LayoutError("an attribute is not in an object header chunk whose checksum verifies")
 
 
 class DatacubeWriter:
@@ -150,77 +231,99 @@ class DatacubeWriter:
         self.grid, self.date, self.scene_ids, self.crs_wkt = grid, date, tuple(scene_ids), crs_wkt
         self.compress = compress
         self._template: bytes | None = None
-        self._slots: dict[str, tuple[int, int]] = {}
+        self._slots: dict[str, tuple[int, int]] = {}  # name -> (offset, bytes)
+        self._headers: dict[str, tuple[int, int]] = {}  # attribute -> its header's (start, checksum at)
         self.mode: str | None = "netcdf4" if compress else None
         self.fallback_reason: str | None = None
 
-    def _netcdf(self, path: Path, arrays: dict[str, np.ndarray]) -> None:
-        _write_netcdf(path, arrays, grid=self.grid, date=self.date, scene_ids=self.scene_ids,
+    def _netcdf(self, path: Path, arrays: dict[str, np.ndarray], attributes: dict[str, str]) -> None:
+        _write_netcdf(path, arrays, attributes, grid=self.grid, date=self.date, scene_ids=self.scene_ids,
                       crs_wkt=self.crs_wkt, compress=self.compress)
 
-    def _sentinels(self, seed: int) -> dict[str, np.ndarray]:
-        """Values no real chip has (full-range noise, non-grid coordinates) for finding and
-        checking the varying arrays' bytes."""
+    def _sentinels(self, seed: int) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """Values no real chip has (full-range noise, non-grid coordinates, random letters of
+        the attributes' widths) for finding and checking the varying bytes."""
         rng = np.random.default_rng(seed)
         cs, n = self.grid.chip_size, len(SPECTRAL_BANDS)
-        return {
+        arrays: dict[str, np.ndarray] = {
             "reflectance": rng.integers(1, 65535, (n, cs, cs), dtype=np.uint16),
             "scl": rng.integers(0, 255, (cs, cs), dtype=np.uint8),
             "x": rng.random(cs) * 1e6,
             "y": rng.random(cs) * 1e7,
         }
+        widths = {"chip_id": len(self.grid.chip_id(0, 0)), "GeoTransform": GEOTRANSFORM_WIDTH}
+        letters = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", np.uint8)
+        attributes = {k: rng.choice(letters, w).tobytes().decode() for k, w in widths.items()}
+        return arrays, attributes
 
     def _make_template(self, directory: Path) -> None:
         self.mode = "netcdf4"
         stem = f".datacube-template.{os.getpid()}.{id(self)}"
         first, second = directory / f"{stem}.nc", directory / f"{stem}.check.nc"
         try:
-            marks = self._sentinels(1)
-            self._netcdf(first, marks)
+            checksum = _hdf5_checksum()
+            if checksum is None:
+                raise _LayoutError("HDF5's checksum function was not found in this process")
+            arrays, attributes = self._sentinels(1)
+            self._netcdf(first, arrays, attributes)
             template = first.read_bytes()
             slots: dict[str, tuple[int, int]] = {}
-            for name in _VARYING:
-                raw = marks[name].astype(_DTYPES[name]).tobytes()
+            marks = {k: a.tobytes() for k, a in arrays.items()}
+            marks.update((k, v.encode()) for k, v in attributes.items())
+            for name, raw in marks.items():
                 at = template.find(raw)
                 if at < 0 or template.find(raw, at + 1) >= 0:
-                    self.fallback_reason = f"the {name} values are not stored once, in one piece"
-                    return
+                    raise _LayoutError(f"the {name} values are not stored once, in one piece")
                 slots[name] = (at, len(raw))
+            headers = {name: _object_header(template, *slots[name], checksum) for name in _ATTRIBUTES}
+            self._template, self._slots, self._headers = template, slots, headers
             # a second set of values, copied in and read back through netCDF4
-            check = self._sentinels(2)
-            second.write_bytes(self._patched(template, slots, check))
+            arrays2, attributes2 = self._sentinels(2)
+            second.write_bytes(self._patched(arrays2, attributes2))
             with netCDF4.Dataset(second) as nc:
                 nc.set_auto_maskandscale(False)
-                for name in _VARYING:
-                    if not np.array_equal(np.asarray(nc[name][:]), check[name]):
-                        self.fallback_reason = f"{name} copied into the template did not read back"
-                        return
-            self._template, self._slots, self.mode = template, slots, "template"
+                same = all(np.array_equal(np.asarray(nc[k][:]), a) for k, a in arrays2.items())
+                same = same and nc.chip_id == attributes2["chip_id"]
+                same = same and nc["spatial_ref"].GeoTransform == attributes2["GeoTransform"]
+            if not same:
+                raise _LayoutError("values copied into the template did not read back")
+            self.mode = "template"
+        except (_LayoutError, OSError, RuntimeError) as exc:  # netCDF4/HDF5 errors are RuntimeErrors
+            self._template = None
+            self.fallback_reason = str(exc)
         finally:
             first.unlink(missing_ok=True)
             second.unlink(missing_ok=True)
 
-    @staticmethod
-    def _patched(
-        template: bytes, slots: dict[str, tuple[int, int]], arrays: dict[str, np.ndarray]
-    ) -> bytearray:
-        buf = bytearray(template)
-        for name, (at, n) in slots.items():
-            buf[at : at + n] = np.ascontiguousarray(arrays[name], dtype=_DTYPES[name]).data.cast("B")
+    def _patched(self, arrays: dict[str, np.ndarray], attributes: dict[str, str]) -> bytearray:
+        assert self._template is not None
+        buf = bytearray(self._template)
+        for name, a in arrays.items():
+            at, n = self._slots[name]
+            buf[at : at + n] = a.data.cast("B")
+        checksum = _hdf5_checksum()
+        assert checksum is not None
+        for name, text in attributes.items():
+            at, n = self._slots[name]
+            buf[at : at + n] = text.encode()
+        for start, end in set(self._headers.values()):
+            value = checksum(bytes(buf[start:end]), end - start, 0)
+            buf[end : end + 4] = int(value).to_bytes(4, "little")
         return buf
 
     def write(self, path: Path, spectral: np.ndarray, scl: np.ndarray, row: int, col: int) -> None:
         """Write chip (row, col)'s datacube at ``path`` (a temporary name, then a rename)."""
         path = Path(path)
-        arrays = _chip_arrays(self.grid, row, col, spectral, scl)
+        arrays, attributes = _chip_values(self.grid, row, col, spectral, scl)
         if self.mode is None:
             self._make_template(path.parent)
         tmp = path.with_name(f".{path.name}.tmp")
         try:
-            if self._template is not None:
-                tmp.write_bytes(self._patched(self._template, self._slots, arrays))
-            else:
-                self._netcdf(tmp, arrays)
+            fits = all(len(v.encode()) == self._slots.get(k, (0, -1))[1] for k, v in attributes.items())
+            if self._template is not None and fits:
+                tmp.write_bytes(self._patched(arrays, attributes))
+            else:  # no template, or an id of another length than the template's
+                self._netcdf(tmp, arrays, attributes)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)

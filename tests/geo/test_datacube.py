@@ -68,11 +68,28 @@ def test_a_written_datacube_reads_back_with_its_coordinates_crs_and_time(
         assert int(nc["time"][0]) == (DATE - dt.date(1970, 1, 1)).days
         assert nc.date == DATE.isoformat() and nc.scene_ids == ",".join(SCENES)
         assert nc.region == grid.region
-    # GDAL finds the chip's georeferencing from the x/y coordinates and the grid mapping
+        # the per-chip attributes, in the checksummed object headers the writer re-signs
+        assert nc.chip_id == "rondonia_r0001_c0001"
+        t = grid.chip_transform(1, 1)
+        assert [float(v) for v in nc["spatial_ref"].GeoTransform.split()] == [t.c, t.a, t.b, t.f, t.d, t.e]
+    # GDAL reads the chip's georeferencing (the space-padded GeoTransform) and CRS
     with rasterio.open(f"netcdf:{tmp_path / 'b.nc'}:reflectance") as ds:
         assert ds.count == 10
         assert ds.crs.to_epsg() == grid.epsg
-        assert ds.transform.almost_equals(grid.chip_transform(1, 1))
+        assert ds.transform == grid.chip_transform(1, 1)
+
+
+def test_headers_are_checksummed_so_an_attribute_copied_without_resigning_is_refused(
+    tmp_path: Path, grid: ChipGrid, wkt: str
+) -> None:
+    """Why the writer recomputes the header checksums: HDF5 refuses a header whose bytes changed."""
+    DatacubeWriter(grid, DATE, SCENES, wkt).write(tmp_path / "f.nc", *chip(10), 0, 1)
+    raw = bytearray((tmp_path / "f.nc").read_bytes())
+    at = raw.find(b"rondonia_r0000_c0001")
+    raw[at : at + 20] = b"rondonia_r0000_c0002"
+    (tmp_path / "g.nc").write_bytes(raw)
+    with pytest.raises(OSError), netCDF4.Dataset(tmp_path / "g.nc") as nc:
+        _ = nc.chip_id
 
 
 def test_compressed_datacubes_go_through_netcdf4(tmp_path: Path, grid: ChipGrid, wkt: str) -> None:
@@ -93,9 +110,9 @@ def test_an_unexpected_layout_falls_back_to_netcdf4(
     compresses them), the writer says why and writes each chip through netCDF4."""
     real = datacube._write_netcdf
 
-    def compressing(path: Path, arrays: dict[str, np.ndarray], **kw: object) -> None:
+    def compressing(path: Path, arrays: dict[str, np.ndarray], attrs: dict[str, str], **kw: object) -> None:
         kw["compress"] = True
-        real(path, arrays, **kw)  # type: ignore[arg-type]
+        real(path, arrays, attrs, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(datacube, "_write_netcdf", compressing)
     writer = DatacubeWriter(grid, DATE, SCENES, wkt)
@@ -107,6 +124,20 @@ def test_an_unexpected_layout_falls_back_to_netcdf4(
         nc.set_auto_maskandscale(False)
         assert np.array_equal(nc["reflectance"][:], spectral)
     assert [p.name for p in tmp_path.iterdir()] == ["d.nc"]
+
+
+def test_without_hdf5s_checksum_function_the_writer_uses_netcdf4(
+    tmp_path: Path, grid: ChipGrid, wkt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(datacube, "_hdf5_checksum", lambda: None)
+    writer = DatacubeWriter(grid, DATE, SCENES, wkt)
+    spectral, scl = chip(11)
+    writer.write(tmp_path / "h.nc", spectral, scl, 1, 0)
+    assert writer.mode == "netcdf4"
+    assert writer.fallback_reason is not None and "checksum" in writer.fallback_reason
+    write_datacube(tmp_path / "lib.nc", spectral, scl, grid=grid, row=1, col=0, date=DATE, scene_ids=SCENES,
+                   crs_wkt=wkt)
+    assert (tmp_path / "h.nc").read_bytes() == (tmp_path / "lib.nc").read_bytes()
 
 
 def test_a_chip_of_the_wrong_shape_is_refused_and_nothing_is_written(
