@@ -39,7 +39,6 @@ from geofm_assets.geo.regions import ChipGrid
 
 # the arrays a chip's file varies in, with their on-disk dtypes (HDF5 stores them
 # little-endian, as numpy holds them on every platform this runs on)
-_VARYING = ("reflectance", "scl", "x", "y")
 _DTYPES: dict[str, np.dtype] = {
     "reflectance": np.dtype("<u2"), "scl": np.dtype("u1"), "x": np.dtype("<f8"), "y": np.dtype("<f8"),
 }
@@ -232,7 +231,8 @@ class DatacubeWriter:
         self.compress = compress
         self._template: bytes | None = None
         self._slots: dict[str, tuple[int, int]] = {}  # name -> (offset, bytes)
-        self._headers: dict[str, tuple[int, int]] = {}  # attribute -> its header's (start, checksum at)
+        self._headers: set[tuple[int, int]] = set()  # (start, checksum at) of the attributes' headers
+        self._checksum: Checksum | None = None
         self.mode: str | None = "netcdf4" if compress else None
         self.fallback_reason: str | None = None
 
@@ -275,8 +275,8 @@ class DatacubeWriter:
                 if at < 0 or template.find(raw, at + 1) >= 0:
                     raise _LayoutError(f"the {name} values are not stored once, in one piece")
                 slots[name] = (at, len(raw))
-            headers = {name: _object_header(template, *slots[name], checksum) for name in _ATTRIBUTES}
-            self._template, self._slots, self._headers = template, slots, headers
+            headers = {_object_header(template, *slots[name], checksum) for name in _ATTRIBUTES}
+            self._template, self._slots, self._headers, self._checksum = template, slots, headers, checksum
             # a second set of values, copied in and read back through netCDF4
             arrays2, attributes2 = self._sentinels(2)
             second.write_bytes(self._patched(arrays2, attributes2))
@@ -296,18 +296,16 @@ class DatacubeWriter:
             second.unlink(missing_ok=True)
 
     def _patched(self, arrays: dict[str, np.ndarray], attributes: dict[str, str]) -> bytearray:
-        assert self._template is not None
+        assert self._template is not None and self._checksum is not None
         buf = bytearray(self._template)
         for name, a in arrays.items():
             at, n = self._slots[name]
             buf[at : at + n] = a.data.cast("B")
-        checksum = _hdf5_checksum()
-        assert checksum is not None
         for name, text in attributes.items():
             at, n = self._slots[name]
             buf[at : at + n] = text.encode()
-        for start, end in set(self._headers.values()):
-            value = checksum(bytes(buf[start:end]), end - start, 0)
+        for start, end in self._headers:
+            value = self._checksum(bytes(buf[start:end]), end - start, 0)
             buf[end : end + 4] = int(value).to_bytes(4, "little")
         return buf
 
@@ -319,8 +317,9 @@ class DatacubeWriter:
             self._make_template(path.parent)
         tmp = path.with_name(f".{path.name}.tmp")
         try:
-            fits = all(len(v.encode()) == self._slots.get(k, (0, -1))[1] for k, v in attributes.items())
-            if self._template is not None and fits:
+            if self._template is not None and all(
+                len(v.encode()) == self._slots[k][1] for k, v in attributes.items()
+            ):
                 tmp.write_bytes(self._patched(arrays, attributes))
             else:  # no template, or an id of another length than the template's
                 self._netcdf(tmp, arrays, attributes)

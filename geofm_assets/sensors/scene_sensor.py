@@ -27,7 +27,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pystac
 from dagster import (
@@ -228,9 +228,8 @@ def plan_tick(
         for day, items in sorted(by_date.items()):
             on_date = stac.search(region, day, day, max_cloud_cover)
             requests.append(PartitionRequest(name, day, tuple(items), tuple(on_date)))
-        if requested or name in rescanned or rc.max_cloud_cover != max_cloud_cover:
-            advanced = rc.advanced(requested)
-            regions_cursor[name] = RegionCursor(advanced.published, advanced.seen, max_cloud_cover)
+        if requested or rc.max_cloud_cover != max_cloud_cover:  # a rescanned cursor has no limit yet
+            regions_cursor[name] = replace(rc.advanced(requested), max_cloud_cover=max_cloud_cover)
     return ScenePlan(requests, SceneCursor(regions_cursor), pending, rescanned)
 
 
