@@ -39,6 +39,14 @@ def first_clear_date(sample) -> dt.date:
     return sample.dates[1]  # 2021-06-01 in the tiny preset: mostly clear
 
 
+def chip_first_clear_date(sample, instance, resources) -> tuple[dt.date, Path]:
+    """Tiles and chips of candeias on the sample's first clear date; (that date, the lake root)."""
+    date = first_clear_date(sample)
+    assert materialize([sentinel2_tiles, chips], instance=instance, resources=resources,
+                       partition_key=str(partition_key(date, "candeias"))).success
+    return date, Path(resources["lake"].root)
+
+
 def test_pipes_worker_embeds_every_kept_chip_and_rerun_replaces(tiny_sample, instance, embed_resources):
     date = first_clear_date(tiny_sample)
     key = str(partition_key(date, "jamari"))
@@ -83,10 +91,7 @@ class NaNEncoder(Encoder):
 
 
 def test_a_nan_vector_fails_naming_the_chips_and_writes_nothing(tiny_sample, instance, resources):
-    date = first_clear_date(tiny_sample)
-    assert materialize([sentinel2_tiles, chips], instance=instance, resources=resources,
-                       partition_key=str(partition_key(date, "candeias"))).success
-    lake = Path(resources["lake"].root)
+    date, lake = chip_first_clear_date(tiny_sample, instance, resources)
     with pytest.raises(EmbeddingError, match=r"non-finite vectors for chips \['candeias_r"):
         embed_partition(lake, "candeias", date.isoformat(), NaNEncoder(), batch_size=4)
     assert not (lake / "embeddings/region=candeias").exists() or not list(
@@ -118,10 +123,7 @@ def test_patch_embeddings_come_from_the_same_forward_pass(tiny_sample, instance,
 
     from geofm_assets.models.clay import ClayConfig, ClayEncoder, ClayEncoderModel
 
-    date = first_clear_date(tiny_sample)
-    assert materialize([sentinel2_tiles, chips], instance=instance, resources=resources,
-                       partition_key=str(partition_key(date, "candeias"))).success
-    lake = Path(resources["lake"].root)
+    date, lake = chip_first_clear_date(tiny_sample, instance, resources)
     torch.manual_seed(0)
     config = ClayConfig(name="clay-tiny", dim=32, depth=1, heads=2, dim_head=16)
     encoder = ClayEncoder(ClayEncoderModel(config), checkpoint_digest="test")
@@ -145,10 +147,7 @@ def test_worker_writes_spatial_features_and_clear_fractions_for_rcf_and_clay(
     from geofm_assets.models.clay import ClayConfig, ClayEncoder, ClayEncoderModel
     from geofm_assets.workers.embed import cell_clear_fraction, read_datacube_and_scl
 
-    date = first_clear_date(tiny_sample)
-    assert materialize([sentinel2_tiles, chips], instance=instance, resources=resources,
-                       partition_key=str(partition_key(date, "candeias"))).success
-    lake = Path(resources["lake"].root)
+    date, lake = chip_first_clear_date(tiny_sample, instance, resources)
     out = lake / f"embeddings/region=candeias/date={date}"
     rcf = build_encoder("rcf")
     stats = embed_partition(lake, "candeias", date.isoformat(), rcf, batch_size=4, spatial_grid=16)
@@ -206,10 +205,7 @@ def test_reader_processes_device_pooling_and_padding_give_the_same_outputs(
 
     from geofm_assets.models.clay import ClayConfig, ClayEncoder, ClayEncoderModel
 
-    date = first_clear_date(tiny_sample)
-    assert materialize([sentinel2_tiles, chips], instance=instance, resources=resources,
-                       partition_key=str(partition_key(date, "candeias"))).success
-    lake = Path(resources["lake"].root)
+    date, lake = chip_first_clear_date(tiny_sample, instance, resources)
     out = lake / f"embeddings/region=candeias/date={date}"
     torch.manual_seed(0)
     clay = ClayEncoder(ClayEncoderModel(ClayConfig(name="clay-tiny", dim=32, depth=1, heads=2, dim_head=16)),
@@ -238,10 +234,7 @@ def test_a_corrupt_datacube_in_a_reader_process_names_the_chip_and_writes_nothin
 ):
     from geofm_assets.models import build_encoder
 
-    date = first_clear_date(tiny_sample)
-    assert materialize([sentinel2_tiles, chips], instance=instance, resources=resources,
-                       partition_key=str(partition_key(date, "candeias"))).success
-    lake = Path(resources["lake"].root)
+    date, lake = chip_first_clear_date(tiny_sample, instance, resources)
     row = pq.read_table(lake / f"chips/region=candeias/date={date}/chips.parquet").to_pylist()[-1]
     path = lake / row["datacube_path"]
     path.write_bytes(path.read_bytes()[:2000])  # truncated
@@ -256,10 +249,7 @@ def test_a_clay_encoder_giving_nan_fails_the_batch_naming_its_chips(tiny_sample,
 
     from geofm_assets.models.clay import ClayConfig, ClayEncoder, ClayEncoderModel
 
-    date = first_clear_date(tiny_sample)
-    assert materialize([sentinel2_tiles, chips], instance=instance, resources=resources,
-                       partition_key=str(partition_key(date, "candeias"))).success
-    lake = Path(resources["lake"].root)
+    date, lake = chip_first_clear_date(tiny_sample, instance, resources)
     model = ClayEncoderModel(ClayConfig(name="clay-tiny", dim=32, depth=1, heads=2, dim_head=16))
     with torch.no_grad():
         model.cls_token.fill_(float("nan"))

@@ -140,10 +140,10 @@ def test_exact_search_is_cosine_best_first(store: FaissStore) -> None:
     assert (top.lon, top.lat) == pytest.approx((30.1, 45.0))
 
 
-@pytest.mark.parametrize("exact_limit", [50_000, 100], ids=["exact", "ann"])
-def test_filters_keep_k(tmp_path: Path, exact_limit: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = FaissStore(tmp_path / "vi", exact_limit=exact_limit)
-    answered_by_ann = []
+def spy_on_ann_search(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """From now on, each FaissStore search that tries its ANN index appends whether that answered
+    it (False: too few matching candidates, so it fell back to an exact scan)."""
+    answered_by_ann: list[bool] = []
     ann_search = FaissStore._ann_search
 
     def spy(*args: object) -> object:
@@ -152,6 +152,13 @@ def test_filters_keep_k(tmp_path: Path, exact_limit: int, monkeypatch: pytest.Mo
         return hits
 
     monkeypatch.setattr(FaissStore, "_ann_search", staticmethod(spy))
+    return answered_by_ann
+
+
+@pytest.mark.parametrize("exact_limit", [50_000, 100], ids=["exact", "ann"])
+def test_filters_keep_k(tmp_path: Path, exact_limit: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = FaissStore(tmp_path / "vi", exact_limit=exact_limit)
+    answered_by_ann = spy_on_ann_search(monkeypatch)
     written = fill(store)
     # exactly k vectors match: one region on one date
     key = ("delta", DATES[1])
@@ -474,15 +481,7 @@ def test_filtered_subset_under_exact_limit_goes_the_cheaper_way(
     store = FaissStore(tmp_path / "vi", exact_limit=4000)
     written, dates = random_grid(store, rng)  # 4800 rows: past exact_limit, so an HNSW exists
     assert store.build_index(MODEL)["type"] == "hnsw_flat"
-    answered_by_ann = []
-    ann_search = FaissStore._ann_search
-
-    def spy(*args: object) -> object:
-        hits = ann_search(*args)  # type: ignore[arg-type]
-        answered_by_ann.append(hits is not None)
-        return hits
-
-    monkeypatch.setattr(FaissStore, "_ann_search", staticmethod(spy))
+    answered_by_ann = spy_on_ann_search(monkeypatch)
     loaded = store._load(MODEL)
     assert loaded is not None
     narrow = SearchFilter(regions=("r2",), date_from=dates[1], date_to=dates[2])  # 400 rows
